@@ -1,0 +1,119 @@
+"""Everything that crosses a process boundary between supervisor and workers.
+
+Only small descriptors travel: a chunk names a byte range of a spool file,
+never its rows; an ack carries counts. Leaf module.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .config import Config
+
+
+class Outcome(str, enum.Enum):
+    """How a row ended. All three are final; a row has exactly one."""
+
+    DELIVERED = "delivered"
+    REJECTED = "rejected"  # bad input: never sent, reason in rejects/<job>.jsonl
+    DEAD = "dead"  # gave up sending: details in dlq/<job>.jsonl
+
+
+@dataclass(slots=True)
+class Counts:
+    """Outcomes of a set of rows (a chunk, a job)."""
+
+    rows: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    dead: int = 0
+    possible_duplicates: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.rows += other.rows
+        self.delivered += other.delivered
+        self.rejected += other.rejected
+        self.dead += other.dead
+        self.possible_duplicates += other.possible_duplicates
+
+    def count(self, outcome: Outcome, dup: bool = False) -> None:
+        self.rows += 1
+        if outcome is Outcome.DELIVERED:
+            self.delivered += 1
+        elif outcome is Outcome.REJECTED:
+            self.rejected += 1
+        else:
+            self.dead += 1
+        if dup:
+            self.possible_duplicates += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rows": self.rows, "delivered": self.delivered, "rejected": self.rejected,
+                "dead": self.dead, "possible_duplicates": self.possible_duplicates}
+
+
+@dataclass(frozen=True, slots=True)
+class CsvLayout:
+    """How to read a job's rows; fixed when the job is claimed (csv config may change later)."""
+
+    delimiter: bytes = b","
+    ncols: int = 0  # expected column count; 0 = not checked (no header)
+    id_index: int = 0
+    msg_index: int = -1  # -1: the message comes from [alert] message
+    max_id_length: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A line-aligned byte range [start, end) of a spool file, to be delivered by one worker."""
+
+    job: str
+    path: str  # the spool file
+    name: str  # the file's original name, sent as data.file
+    seq: int  # chunk number within the job, from 0
+    start: int
+    end: int
+    layout: CsvLayout
+    # Recovery: rows of this chunk that already have a final outcome, and their counts.
+    done: frozenset[int] = frozenset()
+    prior: Counts = field(default_factory=Counts)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkAck:
+    """Every row of the chunk is final and its outcomes are durable in the worker's WAL."""
+
+    worker: int
+    job: str
+    seq: int
+    counts: Counts
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFailed:
+    """The chunk's file could not be read (truncated, deleted): its job fails with the reason."""
+
+    worker: int
+    job: str
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    worker: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """Supervisor -> worker: apply the new config (webhook, retry, alert, concurrency)."""
+
+    config: Config
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Supervisor -> worker: take no new chunk, finish in flight (or hurry), flush, exit 0."""
+
+    hurry: bool = False
