@@ -58,7 +58,7 @@ class RateConfig:
 class WorkersConfig:
     count: int = 2
     concurrency: int = 64  # requests in flight per worker
-    chunk_bytes: int = 1 << 20  # planned chunk size; kept per job in its manifest
+    chunk_bytes: int = 256 << 10  # planned chunk size; kept per job in its manifest
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
     workers = WorkersConfig(
         count=_num("workers", "count", s.get("count", 2), minimum=1, integer=True),
         concurrency=_num("workers", "concurrency", s.get("concurrency", 64), minimum=1, integer=True),
-        chunk_bytes=_num("workers", "chunk_bytes", s.get("chunk_bytes", 1 << 20), minimum=1,
+        chunk_bytes=_num("workers", "chunk_bytes", s.get("chunk_bytes", 256 << 10), minimum=1,
                          integer=True))
     if workers.count > 64:
         raise _fail("workers", "count", f"must be <= 64, got {workers.count}")

@@ -1,0 +1,327 @@
+"""Jobs on disk and in memory: claim, manifest, lazy chunk plan, counts, summary.
+
+The rule "a job is final when every chunk is final" lives here, in one place.
+A job plans its chunks lazily over an mmap (never a full pre-scan), and
+after a restart skips chunks the WALs prove final. Never talks to workers.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import stat
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+from . import chunker
+from .config import CsvConfig
+from .errors import InputError
+from .protocol import Chunk, Counts, CsvLayout, Outcome
+from .wal import JobRecovery
+
+log = logging.getLogger("alertd.jobs")
+
+JOB_RE = re.compile(r"^(j\d{6,})--(.+)$")
+SNIFF_BYTES = 64 * 1024
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + fsync(dir): the file is either old or new after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def looks_binary(head: bytes) -> bool:
+    """More than 10% NULs or control bytes in the first 64 KiB: not a text file."""
+    if not head:
+        return False
+    bad = sum(head.count(bytes([c])) for c in range(32) if c not in (9, 10, 13))
+    return bad * 10 > len(head)
+
+
+@dataclass
+class Job:
+    id: str
+    name: str  # original file name
+    spool: Path
+    layout: CsvLayout
+    chunk_bytes: int
+    data_start: int
+    started_at: float
+    size: int = 0
+    counts: Counts = field(default_factory=Counts)
+    recovery: JobRecovery | None = None
+    failed: str | None = None
+    outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes, handed out, not acked
+    bytes_done: int = 0  # bytes of chunks whose every row is final
+    requeued: deque[Chunk] = field(default_factory=deque)
+    planned_all: bool = False
+    chunks_done: int = 0
+    _plan: Iterator[tuple[int, int]] | None = None
+    _mm: mmap.mmap | None = None
+    _seq: int = 0
+    _plan_pos: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.failed is not None or (
+            self.planned_all and not self.outstanding and not self.requeued)
+
+    @property
+    def bytes_planned(self) -> int:
+        """How far planning has got: rows known so far lie before this offset."""
+        return self._plan_pos
+
+    def open_plan(self) -> None:
+        if self.size <= self.data_start:
+            self.planned_all = True
+            return
+        with open(self.spool, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._plan = chunker.plan(self._mm, self.data_start, self.chunk_bytes)
+        self._plan_pos = self.data_start
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk to hand out, or None (nothing now: all planned or waiting)."""
+        if self.failed is not None:
+            return None
+        if self.requeued:
+            c = self.requeued.popleft()
+            self.outstanding[c.seq] = c.end - c.start
+            return c
+        while not self.planned_all:
+            try:
+                start, end = next(self._plan)
+            except StopIteration:
+                self._close_plan()
+                return None
+            seq = self._seq
+            self._seq += 1
+            self._plan_pos = end
+            rec = self.recovery
+            if rec is not None and seq in rec.chunks:
+                self.counts.add(rec.chunks[seq])  # proven final by the WAL
+                self.chunks_done += 1
+                self.bytes_done += end - start
+                continue
+            done, prior = frozenset(), Counts()
+            if rec is not None and seq in rec.partial:
+                done, prior = partial_counts(rec.partial[seq])
+            self.outstanding[seq] = end - start
+            return Chunk(self.id, str(self.spool), self.name, seq, start, end, self.layout,
+                         done, prior)
+        return None
+
+    def _close_plan(self) -> None:
+        self.planned_all = True
+        self._plan = None
+        self.recovery = None  # everything it could tell has been used
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+
+    def ack(self, seq: int, counts: Counts) -> None:
+        if seq in self.outstanding:
+            self.bytes_done += self.outstanding.pop(seq)
+            self.counts.add(counts)
+            self.chunks_done += 1
+
+    def requeue(self, chunk: Chunk) -> None:
+        """A worker died holding `chunk`: hand it out again (done rows given by the caller)."""
+        self.requeued.append(chunk)
+
+    def fail(self, reason: str) -> None:
+        self.failed = reason
+        self._close_plan()
+
+    def manifest(self) -> dict:
+        lay = self.layout
+        return {"job": self.id, "name": self.name, "spool": str(self.spool),
+                "started_at": self.started_at, "chunk_bytes": self.chunk_bytes,
+                "data_start": self.data_start, "size": self.size,
+                "layout": {"delimiter": lay.delimiter.decode(), "ncols": lay.ncols,
+                           "id_index": lay.id_index, "msg_index": lay.msg_index,
+                           "max_id_length": lay.max_id_length}}
+
+
+def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], Counts]:
+    c = Counts()
+    for out, dup in rows.values():
+        c.count(Outcome(out), dup)
+    return frozenset(rows), c
+
+
+class JobStore:
+    """The state directory's job files: ids, spool, manifests, done/, failed/."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.spool = state_dir / "spool"
+        self.done = state_dir / "done"
+        self.failed = state_dir / "failed"
+        for d in (self.spool, self.done, self.failed, state_dir / "wal", state_dir / "dlq",
+                  state_dir / "rejects"):
+            d.mkdir(parents=True, exist_ok=True)
+        self._seq_file = state_dir / "jobseq"
+        self._last = self._load_last_id()
+
+    def _load_last_id(self) -> int:
+        last = 0
+        try:
+            last = int(self._seq_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            log.error("%s is corrupt; recomputing from existing jobs", self._seq_file)
+        for d in (self.spool, self.done, self.failed):
+            for name in os.listdir(d):
+                m = re.match(r"^j(\d{6,})", name)
+                if m:
+                    last = max(last, int(m.group(1)))
+        return last
+
+    def allocate_id(self) -> str:
+        # Persisted before the claim so an id is never reused, even if done/ is cleaned.
+        self._last += 1
+        write_atomic(self._seq_file, str(self._last).encode())
+        return f"j{self._last:06d}"
+
+    def claim(self, path: Path, csv: CsvConfig, chunk_bytes: int) -> Job | None:
+        """Move `path` into the spool and open it as a job; None if it vanished, is not a
+        regular file, or cannot be read (then it is in failed/ with a .reason)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        job_id = self.allocate_id()
+        spool = self.spool / f"{job_id}--{path.name}"
+        try:
+            os.rename(path, spool)
+        except FileNotFoundError:
+            return None
+        try:
+            job = self._inspect(job_id, path.name, spool, csv, chunk_bytes)
+        except (InputError, OSError) as e:
+            self.move_failed(job_id, path.name, spool, str(e))
+            return None
+        write_atomic(self.spool / f"{job_id}.json", orjson.dumps(job.manifest()))
+        log.info("claimed %s as %s (%d bytes)", path.name, job_id, job.size)
+        return job
+
+    def _inspect(self, job_id: str, name: str, spool: Path, csv: CsvConfig,
+                 chunk_bytes: int) -> Job:
+        with open(spool, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(SNIFF_BYTES)
+        if looks_binary(head):
+            raise InputError("binary file (control bytes in the first 64 KiB), not CSV text")
+        if csv.header and b"\n" not in head and len(head) == SNIFF_BYTES:
+            raise InputError("header line longer than 64 KiB")
+        header, start = chunker.read_header(head, csv.header)
+        layout = chunker.layout_for(header, csv)
+        return Job(job_id, name, spool, layout, chunk_bytes, start, time.time(), size)
+
+    def move_failed(self, job_id: str, name: str, spool: Path, reason: str) -> None:
+        dest = self.failed / f"{job_id}--{name}"
+        try:
+            os.rename(spool, dest)
+        except FileNotFoundError:
+            pass
+        write_atomic(self.failed / f"{job_id}--{name}.reason", (reason + "\n").encode())
+        (self.spool / f"{job_id}.json").unlink(missing_ok=True)
+        log.error("%s (%s) failed: %s", job_id, name, reason)
+
+    def load_unfinished(self, csv: CsvConfig, chunk_bytes: int) -> list[Job]:
+        """Jobs with a manifest in spool/ (and spool files that crashed before theirs)."""
+        jobs = []
+        for entry in sorted(os.listdir(self.spool)):
+            m = JOB_RE.match(entry)
+            if not m:
+                continue
+            job_id, name = m.groups()
+            spool = self.spool / entry
+            mpath = self.spool / f"{job_id}.json"
+            try:
+                doc = orjson.loads(mpath.read_bytes())
+            except FileNotFoundError:
+                doc = None
+            except (OSError, orjson.JSONDecodeError) as e:
+                log.error("manifest %s unreadable (%s): rebuilding it", mpath, e)
+                doc = None
+            if (self.done / f"{job_id}.summary.json").exists():
+                self._finish_moves(job_id, name, spool)
+                continue
+            if doc is None:
+                try:
+                    job = self._inspect(job_id, name, spool, csv, chunk_bytes)
+                except (InputError, OSError) as e:
+                    self.move_failed(job_id, name, spool, str(e))
+                    continue
+                write_atomic(mpath, orjson.dumps(job.manifest()))
+            else:
+                lay = doc["layout"]
+                job = Job(job_id, name, spool,
+                          CsvLayout(lay["delimiter"].encode(), lay["ncols"], lay["id_index"],
+                                    lay["msg_index"], lay["max_id_length"]),
+                          doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"])
+            jobs.append(job)
+        return jobs
+
+    def finalize(self, job: Job) -> dict:
+        """Write the summary, move the file to done/, drop the manifest (in that order,
+        so a crash in between is finished by load_unfinished)."""
+        c = job.counts
+        now = time.time()
+        summary = {"job": job.id, "file": job.name, **c.as_dict(),
+                   "started_at": iso(job.started_at), "finished_at": iso(now),
+                   "duration_s": round(now - job.started_at, 3), "bytes": job.size,
+                   "status": "failed" if job.failed else "complete"}
+        if job.failed:
+            summary["reason"] = job.failed
+        write_atomic(self.done / f"{job.id}.summary.json",
+                     orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if job.failed:
+            self.move_failed(job.id, job.name, job.spool, job.failed)
+        else:
+            self._finish_moves(job.id, job.name, job.spool)
+        return summary
+
+    def _finish_moves(self, job_id: str, name: str, spool: Path) -> None:
+        try:
+            os.rename(spool, self.done / f"{job_id}--{name}")
+        except FileNotFoundError:
+            pass
+        try:  # kept beside the summary: `alertd verify` needs the job's layout
+            os.rename(self.spool / f"{job_id}.json", self.done / f"{job_id}.manifest.json")
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.spool)

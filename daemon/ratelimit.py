@@ -1,0 +1,92 @@
+"""The shared rate budget: a token bucket over shm.SharedState.
+
+Workers take tokens in small batches so the cross-process lock is taken a few
+hundred times a second, not per request. A shared `pause_until` (set on 429
++ Retry-After) stops every worker at once. Never blocks the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from .shm import Shared
+
+# A batch is at most this many seconds' worth of the rate: small enough that
+# tokens parked in one worker barely skew the shared rate.
+BATCH_SECONDS = 0.005
+MAX_BATCH = 64
+
+
+def configure(shared: Shared, limit: float, burst: float) -> None:
+    """Apply a (new) rate; keeps the tokens already earned, capped to the new burst."""
+    st = shared.state
+    with shared.lock:
+        now = time.monotonic()
+        if st.stamp == 0.0:
+            st.tokens = 0.0  # start empty: a fresh daemon must not open with a burst
+        else:
+            st.tokens = min(st.tokens, burst)
+        st.stamp = now
+        st.rate = float(limit)
+        st.burst = float(burst)
+
+
+def take(shared: Shared, want: int) -> tuple[int, float]:
+    """Take up to `want` tokens now. Returns (granted, seconds to wait if none granted)."""
+    st = shared.state
+    with shared.lock:
+        now = time.monotonic()
+        if st.pause_until > now:
+            return 0, st.pause_until - now
+        rate = st.rate
+        if rate <= 0.0:
+            return want, 0.0
+        tokens = min(st.burst, st.tokens + (now - st.stamp) * rate)
+        st.stamp = now
+        if tokens >= 1.0:
+            granted = min(want, int(tokens))
+            st.tokens = tokens - granted
+            return granted, 0.0
+        st.tokens = tokens
+        return 0, (1.0 - tokens) / rate
+
+
+def pause(shared: Shared, seconds: float) -> None:
+    """Hold every worker for `seconds` (never shortens a longer pause)."""
+    st = shared.state
+    with shared.lock:
+        st.pause_until = max(st.pause_until, time.monotonic() + seconds)
+
+
+class TokenBudget:
+    """A worker's view of the shared bucket: `await acquire()` before each request."""
+
+    def __init__(self, shared: Shared) -> None:
+        self._shared = shared
+        self._local = 0
+
+    def _batch(self) -> int:
+        rate = self._shared.state.rate
+        if rate <= 0.0:
+            return MAX_BATCH
+        return max(1, min(MAX_BATCH, math.ceil(rate * BATCH_SECONDS)))
+
+    async def acquire(self) -> None:
+        if self._local > 0:
+            self._local -= 1
+            return
+        st = self._shared.state
+        # Unlimited and not paused: skip the lock entirely on the hot path.
+        if st.rate <= 0.0 and st.pause_until <= time.monotonic():
+            return
+        while True:
+            granted, wait = take(self._shared, self._batch())
+            if granted:
+                self._local = granted - 1
+                return
+            await asyncio.sleep(min(wait, 1.0))
+
+    def drop_local(self) -> None:
+        """Forget parked tokens (after a rate change) so the new rate applies at once."""
+        self._local = 0

@@ -1,0 +1,397 @@
+"""The supervisor: claim files, dispatch chunks, reap and respawn workers, reload, drain.
+
+One process on uvloop. It hands workers chunk descriptors over pipes (at most
+PREFETCH each), so it always knows which chunks a dead worker held; it never
+touches payloads, and never calls a job final before its workers' acks say
+the outcomes are durable.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import ratelimit, signals, systemd, wal, worker
+from .config import Config
+from .errors import ConfigError
+from .jobs import Job, JobStore, partial_counts
+from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
+from .shm import MAX_WORKERS, Shared
+from .signals import Control
+from .status import StatusServer
+from .watcher import InboxWatcher, scan
+
+log = logging.getLogger("alertd.supervisor")
+
+PREFETCH = 2  # chunks handed to a worker ahead of its acks: one working, one waiting
+RESPAWN_DELAY = 1.0  # a worker that died young waits this long before its successor starts
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    proc: Any  # multiprocessing.Process
+    conn: Connection
+    started: float
+    generation: int
+    chunks: dict[tuple[str, int], Chunk] = field(default_factory=dict)
+    ready: bool = False
+    retiring: bool = False
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, log_level: int = logging.INFO) -> None:
+        self.cfg = cfg
+        self.log_level = log_level
+        self.ctx = multiprocessing.get_context("spawn")
+        self.shared = Shared.create(self.ctx)
+        self.store = JobStore(cfg.state_dir)
+        self.jobs: dict[str, Job] = {}
+        self.finished: list[dict] = []  # summaries of jobs finished since start (last 50)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.generation = 0
+        self.draining = False
+        self.controls: asyncio.Queue[Control] = asyncio.Queue()
+        self.last_reload: dict[str, Any] = {"ok": None, "at": None, "error": None}
+        self.started_at = time.time()
+        self._stopped = asyncio.Event()
+        self._watcher: InboxWatcher | None = None
+        self._status: StatusServer | None = None
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        inbox = cfg.paths.inbox_dir
+        inbox.mkdir(parents=True, exist_ok=True)
+        ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
+        self._recover()
+        signals.install(loop, self.controls)
+        for _ in range(cfg.workers.count):
+            self._spawn()
+        self._watcher = InboxWatcher(inbox, self._on_arrival, self._rescan)
+        self._watcher.start(loop)
+        self._rescan()
+        self._status = StatusServer(cfg, self.snapshot)
+        await self._status.start()
+        await self._wait_ready()
+        systemd.notify("READY=1", f"STATUS=watching {inbox}")
+        log.info("alertd ready: %d workers, watching %s", cfg.workers.count, inbox)
+        ticker = loop.create_task(self._tick())
+        while not self._stopped.is_set():
+            get = loop.create_task(self.controls.get())
+            stop = loop.create_task(self._stopped.wait())
+            done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if get in done:
+                self._control(get.result())
+            else:
+                get.cancel()
+        ticker.cancel()
+        await self._status.stop()
+        log.info("alertd stopped")
+        return 0
+
+    def _control(self, c: Control) -> None:
+        if c is Control.RELOAD:
+            self.handle_hup()
+        elif c is Control.DRAIN:
+            self.handle_term()
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(w.ready for w in self.workers.values()):
+            await asyncio.sleep(0.02)
+
+    async def _tick(self) -> None:
+        """Housekeeping once a second: systemd status and watchdog, a safety rescan."""
+        wd = systemd.watchdog_interval()
+        n = 0
+        while True:
+            await asyncio.sleep(min(1.0, wd or 1.0))
+            n += 1
+            pending = sum(s.pending for s in self._slots())
+            extra = ["WATCHDOG=1"] if wd else []
+            systemd.notify(*extra, f"STATUS={len(self.jobs)} jobs, {pending} pending rows")
+            if n % 10 == 0 and not self.draining:
+                self._rescan()  # inotify can overflow; a rescan costs one listdir
+
+    def _slots(self) -> list[Any]:
+        return [self.shared.slot(i) for i in self.workers]
+
+    # ------------------------------------------------------------ files and jobs
+
+    def _recover(self) -> None:
+        jobs = self.store.load_unfinished(self.cfg.csv, self.cfg.workers.chunk_bytes)
+        if not jobs:
+            return
+        t = time.monotonic()
+        rec = wal.recover(self.cfg.state_dir / "wal", [j.id for j in jobs])
+        for job in jobs:
+            job.recovery = rec.get(job.id)
+            job.open_plan()
+            self.jobs[job.id] = job
+        log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
+                 time.monotonic() - t)
+
+    def _on_arrival(self, path: Path) -> None:
+        if self.draining or path.parent != self.cfg.paths.inbox_dir:
+            return
+        try:
+            job = self.store.claim(path, self.cfg.csv, self.cfg.workers.chunk_bytes)
+        except OSError as e:
+            log.error("cannot claim %s: %s", path, e)
+            return
+        if job is None:
+            return
+        job.open_plan()
+        self.jobs[job.id] = job
+        self._maybe_finalize(job)
+        self._pump()
+
+    def _rescan(self) -> None:
+        for path in scan(self.cfg.paths.inbox_dir):
+            self._on_arrival(path)
+
+    def _maybe_finalize(self, job: Job) -> None:
+        if not job.final:
+            return
+        del self.jobs[job.id]
+        summary = self.store.finalize(job)
+        self.finished = (self.finished + [summary])[-50:]
+        log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d possible duplicates",
+                 job.id, summary["status"], summary["rows"], summary["delivered"],
+                 summary["rejected"], summary["dead"], summary["possible_duplicates"])
+
+    def _next_chunk(self) -> Chunk | None:
+        for job in self.jobs.values():  # oldest job first (dicts keep insertion order)
+            c = job.next_chunk()
+            if c is not None:
+                return c
+            self._maybe_finalize_later(job)
+        return None
+
+    def _maybe_finalize_later(self, job: Job) -> None:
+        # Finalizing mutates self.jobs: never during the iteration above.
+        if job.final:
+            asyncio.get_running_loop().call_soon(self._finalize_if_present, job.id)
+
+    def _finalize_if_present(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self._maybe_finalize(job)
+
+    def _pump(self) -> None:
+        """Hand out chunks until every live worker holds PREFETCH or nothing is left."""
+        if self.draining:
+            return
+        live = [w for w in self.workers.values() if w.ready and not w.retiring]
+        for _ in range(PREFETCH):
+            for w in live:
+                if len(w.chunks) >= PREFETCH:
+                    continue
+                c = self._next_chunk()
+                if c is None:
+                    return
+                w.chunks[(c.job, c.seq)] = c
+                w.conn.send(c)
+
+    # ------------------------------------------------------------ workers
+
+    def _free_index(self) -> int:
+        for i in range(MAX_WORKERS):
+            if i not in self.workers:
+                return i
+        raise RuntimeError("no free worker slot")
+
+    def _spawn(self) -> WorkerHandle:
+        index = self._free_index()
+        parent, child = self.ctx.Pipe(duplex=True)
+        slot = self.shared.slot(index)
+        slot.sent = slot.delivered = slot.in_flight = slot.pending = 0
+        with signals.blocked():
+            proc = self.ctx.Process(target=worker.main, name=f"alertd-worker-{index}",
+                                    args=(index, child, self.cfg, self.shared, self.log_level))
+            proc.start()
+        child.close()
+        w = WorkerHandle(index, proc, parent, time.monotonic(), self.generation)
+        self.workers[index] = w
+        loop = asyncio.get_running_loop()
+        loop.add_reader(parent.fileno(), self._on_worker_msg, w)
+        loop.add_reader(proc.sentinel, self._on_worker_exit, w)
+        return w
+
+    def _on_worker_msg(self, w: WorkerHandle) -> None:
+        try:
+            while w.conn.poll():
+                self._handle_msg(w, w.conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(w.conn.fileno())
+
+    def _handle_msg(self, w: WorkerHandle, msg: object) -> None:
+        if isinstance(msg, ChunkAck):
+            w.chunks.pop((msg.job, msg.seq), None)
+            job = self.jobs.get(msg.job)
+            if job is not None:
+                job.ack(msg.seq, msg.counts)
+                self._maybe_finalize(job)
+            self._pump()
+        elif isinstance(msg, Ready):
+            w.ready = True
+            log.info("worker %d ready (pid %d)", w.index, msg.pid)
+            self._pump()
+        elif isinstance(msg, ChunkFailed):
+            w.chunks.pop((msg.job, msg.seq), None)
+            job = self.jobs.get(msg.job)
+            if job is not None:
+                job.outstanding.pop(msg.seq, None)
+                job.fail(msg.reason)
+                self._maybe_finalize(job)
+            self._pump()
+
+    def _on_worker_exit(self, w: WorkerHandle) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(w.proc.sentinel)
+        self._on_worker_msg(w)  # acks it sent before dying still count
+        try:
+            loop.remove_reader(w.conn.fileno())
+        except (OSError, ValueError):
+            pass
+        w.proc.join(0)
+        code = w.proc.exitcode
+        del self.workers[w.index]
+        w.conn.close()
+        self.shared.slot(w.index).pid = 0
+        if w.chunks:
+            self._requeue(w)
+        if not (self.draining or w.retiring):
+            log.error("worker %d (pid %s) exited with %s; replacing it", w.index, w.proc.pid, code)
+            young = time.monotonic() - w.started < 5
+            loop.call_later(RESPAWN_DELAY if young else 0, self._respawn)
+        elif code not in (0, None):
+            log.warning("worker %d exited with %s while stopping", w.index, code)
+        if self.draining and not self.workers:
+            self._stopped.set()
+        self._pump()
+
+    def _respawn(self) -> None:
+        if not self.draining:
+            self._spawn()
+
+    def _requeue(self, w: WorkerHandle) -> None:
+        """Re-run the dead worker's chunks, skipping rows its WAL already has outcomes for."""
+        rec = wal.recover(self.cfg.state_dir / "wal", {job for job, _ in w.chunks})
+        for (job_id, seq), chunk in w.chunks.items():
+            job = self.jobs.get(job_id)
+            if job is None:
+                continue
+            r = rec.get(job_id)
+            if r is not None and seq in r.chunks:
+                job.ack(seq, r.chunks[seq])  # final: its marker reached the WAL
+                self._maybe_finalize(job)
+                continue
+            done, prior = partial_counts(r.partial.get(seq, {})) if r else (frozenset(), None)
+            job.requeue(Chunk(chunk.job, chunk.path, chunk.name, chunk.seq, chunk.start,
+                              chunk.end, chunk.layout, done | chunk.done,
+                              prior if prior is not None else chunk.prior))
+        w.chunks.clear()
+
+    # ------------------------------------------------------------ signals
+
+    def handle_hup(self) -> None:
+        systemd.notify("RELOADING=1", systemd.monotonic_usec())
+        path = self.cfg.source
+        try:
+            new = config_mod.load(path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running config: %s", e)
+            self.last_reload = {"ok": False, "at": time.time(), "error": str(e)}
+            systemd.notify("READY=1")
+            return
+        old, self.cfg = self.cfg, new
+        if new.paths != old.paths or new.status != old.status:
+            log.warning("reload: [paths] and [status] apply only at restart")
+        ratelimit.configure(self.shared, new.rate.limit, new.rate.effective_burst)
+        if new.workers.count != old.workers.count:
+            self._replace_generation()
+        else:
+            for w in self.workers.values():
+                if not w.retiring:
+                    w.conn.send(Reload(new))
+        self.last_reload = {"ok": True, "at": time.time(), "error": None}
+        log.info("reloaded %s", path)
+        systemd.notify("READY=1")
+
+    def _replace_generation(self) -> None:
+        """Start the new generation first, then drain the old: never fewer workers."""
+        self.generation += 1
+        old = [w for w in self.workers.values() if not w.retiring]
+        for _ in range(self.cfg.workers.count):
+            self._spawn()
+        for w in old:
+            w.retiring = True
+            w.conn.send(Drain())
+
+    def handle_term(self) -> None:
+        if self.draining:
+            log.warning("second stop signal: hurrying")
+            self._hurry()
+            return
+        self.draining = True
+        systemd.notify("STOPPING=1")
+        log.info("draining: no new files or chunks; finishing requests in flight")
+        if self._watcher is not None:
+            self._watcher.stop()
+        for w in self.workers.values():
+            w.conn.send(Drain())
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.cfg.shutdown.grace, self._hurry)
+        loop.call_later(self.cfg.shutdown.grace + 10, self._kill_stragglers)
+        if not self.workers:
+            self._stopped.set()
+
+    def _hurry(self) -> None:
+        for w in self.workers.values():
+            try:
+                w.conn.send(Drain(hurry=True))
+            except OSError:
+                pass
+
+    def _kill_stragglers(self) -> None:
+        for w in list(self.workers.values()):
+            log.error("worker %d did not stop in time: killing it", w.index)
+            w.proc.kill()
+
+    # ------------------------------------------------------------ status
+
+    def snapshot(self) -> dict[str, Any]:
+        st = self.shared.state
+        now = time.monotonic()
+        jobs = []
+        for job in self.jobs.values():
+            c = job.counts
+            jobs.append({"job": job.id, "file": job.name, "bytes": job.size,
+                         "bytes_planned": job.bytes_planned, "bytes_done": job.bytes_done, "planned_all": job.planned_all,
+                         "chunks_done": job.chunks_done, "chunks_in_flight": len(job.outstanding),
+                         **c.as_dict(), "failed": job.failed})
+        workers = []
+        for w in self.workers.values():
+            s = self.shared.slot(w.index)
+            workers.append({"index": w.index, "pid": w.proc.pid, "ready": w.ready,
+                            "retiring": w.retiring, "chunks": len(w.chunks), "sent": s.sent,
+                            "delivered": s.delivered, "in_flight": s.in_flight,
+                            "pending": s.pending, "wal_error": bool(s.wal_error),
+                            "heartbeat_age": round(now - s.heartbeat, 3) if s.heartbeat else None})
+        return {"pid": os.getpid(), "started_at": self.started_at, "draining": self.draining,
+                "jobs": jobs, "finished": self.finished, "workers": workers,
+                "rate": {"limit": st.rate, "burst": st.burst,
+                         "paused_for": max(0.0, st.pause_until - now)},
+                "reload": self.last_reload}

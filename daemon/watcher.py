@@ -1,0 +1,88 @@
+"""The inbox: pyinotify events plus a scan at start, turned into candidate paths.
+
+Only close-write and moved-to count as "a file arrived", so a file still
+being written is never claimed; dotfiles and *.tmp / *.part are skipped until
+renamed. This module never moves or opens files: the supervisor claims them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pyinotify
+
+log = logging.getLogger("alertd.watcher")
+
+MASK = pyinotify.IN_CLOSE_WRITE | pyinotify.IN_MOVED_TO
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp")
+
+
+def wanted(name: str) -> bool:
+    """A name that may be claimed (not hidden, not a temporary file)."""
+    return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+def scan(inbox: Path) -> list[Path]:
+    """Regular files already in the inbox, oldest first."""
+    found = []
+    try:
+        entries = list(os.scandir(inbox))
+    except OSError as e:
+        log.error("cannot scan inbox %s: %s", inbox, e)
+        return []
+    for e in entries:
+        try:
+            if wanted(e.name) and e.is_file(follow_symlinks=False):
+                found.append((e.stat(follow_symlinks=False).st_mtime_ns, e.name))
+        except OSError:
+            continue  # vanished between listing and stat
+    return [inbox / name for _, name in sorted(found)]
+
+
+class _Handler(pyinotify.ProcessEvent):
+    def my_init(self, on_path: Callable[[Path], None], on_overflow: Callable[[], None]) -> None:
+        self._on_path = on_path
+        self._on_overflow = on_overflow
+
+    def process_default(self, event: pyinotify.Event) -> None:
+        if event.mask & pyinotify.IN_Q_OVERFLOW:
+            self._on_overflow()
+        elif not event.dir and wanted(event.name):
+            self._on_path(Path(event.pathname))
+
+
+class InboxWatcher:
+    """Calls `on_path` for each file that arrives; `on_overflow` when events were lost
+    (the caller rescans)."""
+
+    def __init__(self, inbox: Path, on_path: Callable[[Path], None],
+                 on_overflow: Callable[[], None]) -> None:
+        self.inbox = inbox
+        self._wm = pyinotify.WatchManager()
+        self._notifier = pyinotify.Notifier(
+            self._wm, _Handler(on_path=on_path, on_overflow=on_overflow), timeout=0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        res = self._wm.add_watch(str(self.inbox), MASK, quiet=False)
+        if res.get(str(self.inbox), -1) < 0:
+            raise OSError(f"cannot watch {self.inbox}")
+        self._loop = loop
+        loop.add_reader(self._wm.get_fd(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            if self._notifier.check_events(timeout=0):
+                self._notifier.read_events()
+                self._notifier.process_events()
+        except Exception:  # a watcher bug must not kill the supervisor's loop
+            log.exception("inotify event handling failed")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._wm.get_fd())
+            self._loop = None
+        self._notifier.stop()

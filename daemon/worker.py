@@ -1,0 +1,357 @@
+"""A worker process: chunk -> rows -> tokens -> signed POST -> WAL -> ack.
+
+Rows are read from the worker's own mmap of the spool file; only chunk
+descriptors and acks cross the pipe to the supervisor. A chunk is acked only
+once every row in it has a final outcome that is durable in this worker's WAL.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import random
+import time
+from collections import deque
+from email.utils import parsedate_to_datetime
+from multiprocessing.connection import Connection
+
+import orjson
+
+from . import chunker, ratelimit, wal
+from .config import Config
+from .payload import Payloads
+from .protocol import Chunk, ChunkAck, ChunkFailed, Counts, Drain, Outcome, Ready, Reload
+from .ratelimit import TokenBudget
+from .shm import Shared
+from .sidelog import SideLog
+from .transport import Pool, TransportError
+
+log = logging.getLogger("alertd.worker")
+
+MAX_LINE_IN_REJECT = 1024  # bytes of a bad line kept in rejects/<job>.jsonl
+
+
+def retryable(status: int) -> bool:
+    return status in (408, 425, 429) or status >= 500
+
+
+def retry_after_seconds(value: bytes | None) -> float | None:
+    """Retry-After as seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        return max(0.0, parsedate_to_datetime(text).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+class _ChunkState:
+    __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "mm", "finished")
+
+    def __init__(self, chunk: Chunk) -> None:
+        self.chunk = chunk
+        self.counts = Counts()
+        self.counts.add(chunk.prior)
+        self.outstanding = 0  # rows read but not yet final
+        self.parsed = False  # every row of the span has been read
+        self.rows = None
+        self.mm = None
+        self.finished = False
+
+
+class _Alert:
+    __slots__ = ("cs", "off", "uid", "msg", "attempts", "first", "dup")
+
+    def __init__(self, cs: _ChunkState, off: int, uid: str, msg: str) -> None:
+        self.cs = cs
+        self.off = off
+        self.uid = uid
+        self.msg = msg
+        self.attempts = 0
+        self.first = time.monotonic()
+        self.dup = False  # a request may have reached the receiver without us knowing
+
+
+class Worker:
+    def __init__(self, index: int, conn: Connection, cfg: Config, shared: Shared) -> None:
+        self.index = index
+        self.conn = conn
+        self.shared = shared
+        self.slot = shared.slot(index)
+        self.budget = TokenBudget(shared)
+        self.wal = wal.WalWriter(cfg.state_dir / "wal", index, fsync=cfg.wal.fsync,
+                                 interval=cfg.wal.fsync_interval,
+                                 segment_bytes=cfg.wal.segment_bytes)
+        self.side = SideLog(cfg.state_dir)
+        self.pool: Pool | None = None
+        self._apply(cfg)
+        self._chunks: deque[Chunk] = deque()
+        self._cur: _ChunkState | None = None
+        self._retries: list[tuple[float, int, _Alert]] = []  # (due, tiebreak, alert)
+        self._tiebreak = 0
+        self._more = asyncio.Event()
+        self._lanes: dict[int, asyncio.Task[None]] = {}
+        self._pending = 0  # rows read and not yet final, in flight or awaiting retry
+        self._acks: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._done = asyncio.Event()
+
+    def _apply(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.payloads = Payloads(cfg.webhook.secrets)
+        self.max_backlog = cfg.workers.concurrency * 4
+        if self.pool is None:
+            self.pool = Pool(cfg.webhook.url, size=cfg.workers.concurrency,
+                             timeout=cfg.webhook.timeout, headers=cfg.webhook.headers)
+        else:
+            self.pool.reconfigure(cfg.webhook.url, size=cfg.workers.concurrency,
+                                  timeout=cfg.webhook.timeout, headers=cfg.webhook.headers)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.wal.open()
+        wal_task = loop.create_task(self.wal.run())
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+        self.slot.pid = os.getpid()
+        self._resize_lanes()
+        beat = loop.create_task(self._heartbeat())
+        self.conn.send(Ready(self.index, os.getpid()))
+        await self._done.wait()
+        loop.remove_reader(self.conn.fileno())
+        if self._acks:
+            await asyncio.gather(*self._acks, return_exceptions=True)
+        beat.cancel()
+        await self.wal.close()
+        await wal_task
+        self.side.close()
+        await self.pool.close()
+
+    def _on_readable(self) -> None:
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            # The supervisor is gone: stop at once; its successor re-runs what is unfinished.
+            log.error("worker %d: supervisor went away, stopping", self.index)
+            self._drain(hurry=True)
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, Chunk):
+            self._chunks.append(msg)
+            self._more.set()
+        elif isinstance(msg, Reload):
+            self._apply(msg.config)
+            self.budget.drop_local()
+            self._resize_lanes()
+        elif isinstance(msg, Drain):
+            self._drain(msg.hurry)
+
+    def _drain(self, hurry: bool) -> None:
+        self._draining = True
+        self._more.set()
+        if hurry:
+            for t in self._lanes.values():
+                t.cancel()
+        if not self._lanes:
+            self._done.set()
+
+    def _resize_lanes(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i in range(self.cfg.workers.concurrency):
+            if i not in self._lanes and not self._draining:
+                t = loop.create_task(self._lane(i))
+                self._lanes[i] = t
+                t.add_done_callback(lambda t, i=i: self._lane_done(i, t))
+        self._more.set()  # surplus lanes notice and exit
+
+    def _lane_done(self, i: int, t: asyncio.Task[None]) -> None:
+        if self._lanes.get(i) is t:
+            del self._lanes[i]
+        if not t.cancelled() and t.exception() is not None:
+            log.error("worker %d: lane failed", self.index, exc_info=t.exception())
+        if self._draining and not self._lanes:
+            self._done.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.slot.heartbeat = time.monotonic()
+            self.slot.pending = self._pending
+            self.slot.wal_error = 1 if self.wal.error else 0
+            await asyncio.sleep(0.5)
+
+    # ------------------------------------------------------------ rows
+
+    async def _lane(self, i: int) -> None:
+        while not self._draining and i < self.cfg.workers.concurrency:
+            a = self._next_alert()
+            if a is None:
+                await self._idle()
+                continue
+            await self._attempt(a)
+
+    async def _idle(self) -> None:
+        self._more.clear()
+        timeout = None
+        if self._retries:
+            timeout = max(0.0, self._retries[0][0] - time.monotonic())
+        try:
+            await asyncio.wait_for(self._more.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _next_alert(self) -> _Alert | None:
+        if self._retries and self._retries[0][0] <= time.monotonic():
+            return heapq.heappop(self._retries)[2]
+        if self._draining or len(self._retries) >= self.max_backlog:
+            return None
+        while True:
+            cs = self._cur
+            if cs is None:
+                if not self._chunks:
+                    return None
+                cs = self._open_chunk(self._chunks.popleft())
+                if cs is None:
+                    continue
+            for off, line in cs.rows:
+                if off in cs.chunk.done:
+                    continue
+                try:
+                    uid, msg = chunker.parse(line, cs.chunk.layout)
+                except chunker.BadRow as e:
+                    self._reject(cs, off, line, e.reason)
+                    continue
+                cs.outstanding += 1
+                self._pending += 1
+                return _Alert(cs, off, uid, msg if msg is not None else self.cfg.alert.message)
+            cs.parsed = True
+            cs.rows = None
+            cs.mm.close()
+            cs.mm = None
+            self._cur = None
+            self._maybe_finish(cs)
+
+    def _open_chunk(self, chunk: Chunk) -> _ChunkState | None:
+        cs = _ChunkState(chunk)
+        try:
+            # A file shorter than the span would SIGBUS on access: check first.
+            if os.stat(chunk.path).st_size < chunk.end:
+                raise OSError(f"file shrank below offset {chunk.end} (truncated while queued)")
+            mm, base = chunker.map_span(chunk.path, chunk.start, chunk.end)
+        except OSError as e:
+            self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
+            return None
+        cs.mm = mm
+        cs.rows = chunker.rows(mm, base, chunk.start, chunk.end)
+        self._cur = cs
+        return cs
+
+    def _reject(self, cs: _ChunkState, off: int, line: bytes, reason: str) -> None:
+        job = cs.chunk.job
+        text = line[:MAX_LINE_IN_REJECT].decode("utf-8", "replace")
+        self.side.write("rejects", job, orjson.dumps(
+            {"job": job, "offset": off, "line": text, "reason": reason, "file": cs.chunk.name,
+             "ts": time.time()}) + b"\n")
+        self.wal.append(wal.encode_row(job, cs.chunk.seq, off, Outcome.REJECTED.value, 0, 0,
+                                       False, "", time.time(), reason))
+        cs.counts.count(Outcome.REJECTED)
+
+    # ------------------------------------------------------------ sending
+
+    async def _attempt(self, a: _Alert) -> None:
+        await self.budget.acquire()
+        a.attempts += 1
+        chunk = a.cs.chunk
+        hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name, a.off,
+                                        time.time())
+        slot = self.slot
+        slot.sent += 1
+        slot.in_flight += 1
+        try:
+            r = await self.pool.post(hdr, body)
+        except TransportError as e:
+            if e.sent:
+                a.dup = True
+            self._retry_or_dead(a, 0, f"{e.kind}: {e}", None)
+            return
+        finally:
+            slot.in_flight -= 1
+        status = r.status
+        if 200 <= status < 300:
+            slot.delivered += 1
+            self._final(a, Outcome.DELIVERED, status, None)
+        elif retryable(status):
+            self._retry_or_dead(a, status, f"HTTP {status}", retry_after_seconds(r.retry_after))
+        else:
+            self._final(a, Outcome.DEAD, status, f"HTTP {status} (permanent)")
+
+    def _retry_or_dead(self, a: _Alert, status: int, err: str, after: float | None) -> None:
+        retry = self.cfg.retry
+        if after is not None:
+            after = min(after, retry.max_delay)
+            ratelimit.pause(self.shared, after)
+        age = time.monotonic() - a.first
+        if a.attempts >= retry.max_attempts or age >= retry.max_age:
+            self._final(a, Outcome.DEAD, status, err)
+            return
+        # Full jitter (AWS): spreads retries of many rows instead of synchronising them.
+        delay = random.uniform(0, min(retry.max_delay, retry.base_delay * 2 ** (a.attempts - 1)))
+        if after is not None:
+            delay = max(delay, after)
+        self._tiebreak += 1
+        heapq.heappush(self._retries, (time.monotonic() + delay, self._tiebreak, a))
+        self._more.set()
+
+    def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
+        cs = a.cs
+        job = cs.chunk.job
+        now = time.time()
+        if outcome is Outcome.DEAD:
+            self.side.write("dlq", job, orjson.dumps(
+                {"id": f"{job}:{a.off}", "job": job, "offset": a.off, "user_id": a.uid,
+                 "message": a.msg, "file": cs.chunk.name, "attempts": a.attempts,
+                 "status": status, "error": err, "ts": now}) + b"\n")
+        self.wal.append(wal.encode_row(job, cs.chunk.seq, a.off, outcome.value, status,
+                                       a.attempts, a.dup, a.uid, now, err))
+        cs.counts.count(outcome, a.dup)
+        cs.outstanding -= 1
+        self._pending -= 1
+        self._maybe_finish(cs)
+
+    def _maybe_finish(self, cs: _ChunkState) -> None:
+        if cs.parsed and cs.outstanding == 0 and not cs.finished:
+            cs.finished = True
+            c = cs.chunk
+            self.wal.append(wal.encode_chunk(c.job, c.seq, c.end, cs.counts, time.time()))
+            t = asyncio.get_running_loop().create_task(self._ack(cs))
+            self._acks.add(t)
+            t.add_done_callback(self._acks.discard)
+
+    async def _ack(self, cs: _ChunkState) -> None:
+        # Side files first: a durable "dead" WAL record must find its DLQ line.
+        await self.side.sync()
+        await self.wal.sync()
+        self.conn.send(ChunkAck(self.index, cs.chunk.job, cs.chunk.seq, cs.counts))
+
+
+def main(index: int, conn: Connection, cfg: Config, shared: Shared, log_level: int) -> None:
+    """Process entry point (spawn context)."""
+    import signal
+
+    import uvloop
+
+    from .logs import setup as setup_logging
+
+    setup_logging(log_level, f"worker-{index}")
+    # The supervisor decides when workers stop: it sends Drain. A Ctrl-C on the
+    # terminal reaches the whole process group, so workers ignore INT and TERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    uvloop.run(Worker(index, conn, cfg, shared).run())
