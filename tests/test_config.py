@@ -1,0 +1,75 @@
+"""Config loading: defaults that work, and errors that name the key."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon import config
+from daemon.errors import ConfigError
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def load(tmp_path: Path, text: str) -> config.Config:
+    p = tmp_path / "a.toml"
+    p.write_text(text)
+    return config.load(p)
+
+
+def test_minimal_config_has_working_defaults(tmp_path):
+    c = load(tmp_path, '[webhook]\nurl = "http://127.0.0.1:9/hook"\n[paths]\nstate_dir = "s"\n')
+    assert c.paths.state_dir == tmp_path / "s"
+    assert c.paths.inbox_dir == tmp_path / "s" / "inbox"
+    assert c.workers.count >= 1 and c.workers.concurrency >= 1
+    assert c.rate.limit == 0 and c.rate.effective_burst >= 1
+    assert c.csv.header and c.csv.id_column == "user_id"
+    assert c.wal.fsync == "interval" and c.wal.fsync_interval == 0.05
+    assert c.status_address() == ("unix", tmp_path / "s" / "alertd.sock")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[webhook]\nurl = "http://x/"\n[rate]\nlimit = -5\n', "config: [rate] limit must be >= 0, got -5"),
+    ('[webhook]\nurl = "http://x/"\n[rate]\nlimt = 5\n', "config: [rate] unknown key 'limt'"),
+    ('[webhook]\nurl = "http://x/"\n[ratez]\n', "config: unknown section [ratez]"),
+    ('[webhook]\nurl = "ftp://x/"\n', "config: [webhook] url must be an http"),
+    ('[rate]\nlimit = 1\n', "config: [webhook] url is required"),
+    ('[webhook]\nurl = "http://x/"\n[workers]\ncount = 0\n', "config: [workers] count must be >= 1"),
+    ('[webhook]\nurl = "http://x/"\n[workers]\ncount = "2"\n', "config: [workers] count must be an integer"),
+    ('[webhook]\nurl = "http://x/"\n[wal]\nfsync = "sometimes"\n', "config: [wal] fsync must be"),
+    ('[webhook]\nurl = "http://x/"\nsecrets = ["nope"]\n', "a secret must start with 'whsec_'"),
+    ('[webhook]\nurl = "http://x/"\n[csv]\ndelimiter = ",,"\n', "config: [csv] delimiter"),
+    ('[webhook]\nurl = "http://x/"\n[status]\nlisten = "127.0.0.1:8080"\n', "config: [status] token is required"),
+    ('[webhook]\nurl = "http://x/"\n[status]\nlisten = "0.0.0.0:8080"\ntoken = "t"\n', "loopback"),
+    ('[webhook\n', "invalid TOML"),
+])
+def test_bad_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text)
+    assert message in str(e.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_secrets_file_must_not_be_readable_by_others(tmp_path):
+    sf = tmp_path / "secrets"
+    sf.write_text(f"# rotated weekly\n{SECRET}\n")
+    os.chmod(sf, 0o644)
+    text = f'[webhook]\nurl = "http://x/"\nsecrets_file = "secrets"\n'
+    with pytest.raises(ConfigError, match="readable by others"):
+        load(tmp_path, text)
+    os.chmod(sf, 0o600)
+    c = load(tmp_path, text)
+    assert c.webhook.secrets == (SECRET,)
+    assert SECRET not in repr(ConfigError("x"))
+
+
+def test_headers_and_secrets_are_kept(tmp_path):
+    c = load(tmp_path, f'[webhook]\nurl = "https://h.example:8443/p?q=1"\nsecrets = ["{SECRET}"]\n'
+             '[webhook.headers]\nAuthorization = "Bearer abc"\n')
+    assert c.webhook.headers == (("Authorization", "Bearer abc"),)
+    assert c.webhook.secrets == (SECRET,)

@@ -1,0 +1,67 @@
+"""The shared token bucket, exercised from several real processes at once."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+
+from daemon import ratelimit
+from daemon.shm import Shared
+
+
+def _spend(shared: Shared, seconds: float, out) -> None:
+    async def run() -> int:
+        budget = ratelimit.TokenBudget(shared)
+        n = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await budget.acquire()
+            n += 1
+        return n
+    out.put(asyncio.run(run()))
+
+
+def test_bucket_is_shared_across_processes():
+    ctx = multiprocessing.get_context("spawn")
+    shared = Shared.create(ctx)
+    ratelimit.configure(shared, 1000, 50)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_spend, args=(shared, 2.0, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    counts = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    total = sum(counts)
+    # 2 s at 1000/s, plus at most a burst and the tokens parked per process; the
+    # lower bound allows for the processes starting a little after the clock.
+    assert total <= 2000 + 50 + 3 * ratelimit.MAX_BATCH, counts
+    assert total >= 1500, counts
+    assert all(c > 200 for c in counts), counts  # nobody starves
+
+
+def test_take_starts_empty_and_refills_at_the_rate():
+    shared = Shared.create(multiprocessing.get_context("spawn"))
+    ratelimit.configure(shared, 100, 10)
+    granted, wait = ratelimit.take(shared, 5)
+    assert granted == 0 and 0 < wait <= 0.011
+    shared.state.stamp -= 0.05  # as if 50 ms had passed
+    assert ratelimit.take(shared, 64)[0] == 5
+    shared.state.stamp -= 10  # a long idle time refills only up to the burst
+    assert ratelimit.take(shared, 64)[0] == 10
+
+
+def test_unlimited_rate_grants_everything():
+    shared = Shared.create(multiprocessing.get_context("spawn"))
+    ratelimit.configure(shared, 0, 1)
+    assert ratelimit.take(shared, 64) == (64, 0.0)
+
+
+def test_pause_holds_everyone():
+    shared = Shared.create(multiprocessing.get_context("spawn"))
+    ratelimit.configure(shared, 0, 1)
+    ratelimit.pause(shared, 0.5)
+    granted, wait = ratelimit.take(shared, 1)
+    assert granted == 0 and 0.4 < wait <= 0.5
+    ratelimit.pause(shared, 0.1)  # a shorter pause never cuts a longer one
+    assert ratelimit.take(shared, 1)[1] > 0.3
