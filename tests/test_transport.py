@@ -1,0 +1,371 @@
+"""transport.py against real sockets on 127.0.0.1: a scripted asyncio server and aiohttp.web.
+
+Every test runs under both the default loop and uvloop.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+import pytest
+import uvloop
+from aiohttp import web
+
+from daemon.transport import Pool, Response, TransportError
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: Any) -> Callable[[Awaitable[Any]], Any]:
+    def _run(coro: Awaitable[Any]) -> Any:
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            return runner.run(asyncio.wait_for(coro, 10))
+    return _run
+
+
+# ------------------------------------------------------------------ a scripted server
+
+BIG = b"x" * (1 << 20)
+REPLIES: dict[str, bytes] = {
+    "/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    "/chunked": b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    "/retry": b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n",
+    "/204": b"HTTP/1.1 204 No Content\r\nServer: t\r\n\r\n",
+    "/304": b"HTTP/1.1 304 Not Modified\r\nETag: \"1\"\r\n\r\n",
+    "/big": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BIG), BIG),
+    "/http10": b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "/eof": b"HTTP/1.1 201 Created\r\n\r\nbody until the socket closes",
+    "/continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "/midclose": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part",
+    "/garbage": b"SPDY/9 banana\r\n\r\n",
+    "/799": b"HTTP/1.1 799 Odd\r\nContent-Length: 0\r\n\r\n",
+}
+CLOSE_AFTER = {"/close", "/http10", "/eof", "/midclose", "/garbage"}
+
+
+class Scripted(asyncio.Protocol):
+    """Replies by path; /hang never answers; records each request's headers and body."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.body = b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.server.connections += 1
+        self.server.live.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        path = self.url.decode()
+        self.server.requests.append((path, self.headers, self.body))
+        self.url, self.headers, self.body = b"", {}, b""
+        if path == "/hang":
+            return
+        self.transport.write(REPLIES[path.split("?")[0]])
+        if path.split("?")[0] in CLOSE_AFTER:
+            self.transport.close()
+
+
+class Server:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.live: list[Scripted] = []
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __aenter__(self) -> Server:
+        self.srv = await asyncio.get_running_loop().create_server(
+            lambda: Scripted(self), "127.0.0.1", 0)
+        self.port = self.srv.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.srv.close()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+async def _post(pool: Pool, n: int = 0) -> Response:
+    return await pool.post(b"webhook-id: a:%d\r\n" % n, b'{"n":%d}' % n)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------------ tests
+
+def test_request_head_and_body_on_the_wire(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok?k=v"), size=2, timeout=5, headers=[("Authorization", "Bearer t")])
+            r = await pool.post(b"webhook-id: j1:0\r\nwebhook-timestamp: 1\r\n", b'{"a":1}')
+            assert r == Response(200, None)
+            path, headers, body = srv.requests[0]
+            assert path == "/ok?k=v" and body == b'{"a":1}'
+            assert headers == {"host": f"127.0.0.1:{srv.port}", "content-type": "application/json",
+                               "user-agent": "alertd/0.1", "authorization": "Bearer t",
+                               "content-length": "7", "webhook-id": "j1:0",
+                               "webhook-timestamp": "1"}
+            await pool.close()
+    run(main())
+
+
+def test_keep_alive_reuse_sequential_and_concurrent(run: Any) -> None:
+    async def main() -> None:
+        async def handler(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(text="ok")
+        app = web.Application()
+        app.router.add_post("/hook", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        pool = Pool(f"http://127.0.0.1:{port}/hook", size=8, timeout=5)
+        try:
+            for i in range(1000):
+                assert (await _post(pool, i)).status == 200
+            assert pool.connections_opened == 1
+            results = await asyncio.gather(*(_post(pool, i) for i in range(1000)))
+            assert all(r.status == 200 for r in results)
+            assert pool.connections_opened <= 8
+            assert pool.in_flight == 0
+        finally:
+            await pool.close()
+            await runner.cleanup()
+    run(main())
+
+
+def test_connection_close_opens_a_new_connection_each_time(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            for path in ("/close", "/http10"):
+                pool = Pool(srv.url(path), size=4, timeout=5)
+                results = [await _post(pool) for _ in range(5)]
+                results += await asyncio.gather(*(_post(pool) for _ in range(20)))
+                assert all(r.status == 200 for r in results)
+                assert pool.connections_opened == 25
+                await pool.close()
+    run(main())
+
+
+@pytest.mark.parametrize("path,status,retry_after", [
+    ("/chunked", 202, None), ("/retry", 429, b"7"), ("/204", 204, None), ("/304", 304, None),
+    ("/big", 200, None), ("/eof", 201, None), ("/continue", 200, None), ("/799", 799, None)])
+def test_response_shapes(run: Any, path: str, status: int, retry_after: bytes | None) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url(path), size=1, timeout=5)
+            for _ in range(3):
+                assert await _post(pool) == Response(status, retry_after)
+            # a body read until EOF cannot leave the connection reusable
+            assert pool.connections_opened == (3 if path == "/eof" else 1)
+            await pool.close()
+    run(main())
+
+
+def test_timeout_after_send_is_sent(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/hang"), size=2, timeout=0.3)
+            t0 = time.monotonic()
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "timeout" and ei.value.sent
+            assert 0.25 < time.monotonic() - t0 < 1.5
+            # the timed-out connection is dropped, not reused for the next request
+            pool.reconfigure(srv.url("/ok"), size=2, timeout=5, headers=())
+            assert (await _post(pool)).status == 200
+            assert pool.connections_opened == 2
+            await pool.close()
+    run(main())
+
+
+def test_timer_follows_the_request_on_a_reused_connection(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=0.4)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.6:  # past the first request's deadline
+                assert (await _post(pool)).status == 200
+            pool.reconfigure(srv.url("/hang"), size=1, timeout=0.2, headers=())
+            t1 = time.monotonic()
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "timeout" and 0.15 < time.monotonic() - t1 < 1.0
+            await pool.close()
+    run(main())
+
+
+def test_connection_refused(run: Any) -> None:
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        srv.close()
+        await srv.wait_closed()
+        pool = Pool(f"http://127.0.0.1:{port}/", size=2, timeout=2)
+        for _ in range(3):  # the slot is freed each time
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "connect" and not ei.value.sent
+        assert pool.connections_opened == 0 and pool.in_flight == 0
+        await pool.close()
+    run(main())
+
+
+def test_peer_closes_mid_response(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/midclose"), size=1, timeout=5)
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "closed" and ei.value.sent
+            await pool.close()
+    run(main())
+
+
+def test_bad_response_is_a_protocol_error(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/garbage"), size=1, timeout=5)
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "protocol" and ei.value.sent
+            await pool.close()
+    run(main())
+
+
+def test_idle_connection_closed_by_peer_is_replaced_transparently(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=5)
+            assert (await _post(pool)).status == 200
+            for proto in srv.live:  # the server's keep-alive timeout, say
+                proto.transport.close()
+            await _until(lambda: not pool._idle)
+            assert (await _post(pool)).status == 200
+            assert pool.connections_opened == 2 and len(srv.requests) == 2
+            await pool.close()
+    run(main())
+
+
+def test_size_bounds_connections_and_waiters_are_fifo(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/hang"), size=2, timeout=0.5)
+            order: list[int] = []
+
+            async def one(i: int) -> None:
+                try:
+                    await _post(pool, i)
+                except TransportError:
+                    order.append(i)
+            await asyncio.gather(*(one(i) for i in range(6)))
+            assert pool.connections_opened == 6 and srv.connections == 6
+            assert order == [0, 1, 2, 3, 4, 5]
+            await pool.close()
+    run(main())
+
+
+def test_reconfigure_moves_to_a_new_origin_and_resizes(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as a, Server() as b:
+            pool = Pool(a.url("/ok"), size=4, timeout=5)
+            await asyncio.gather(*(_post(pool) for _ in range(4)))
+            assert pool.connections_opened == 4 and len(pool._idle) == 4
+            pool.reconfigure(a.url("/ok"), size=2, timeout=5, headers=[("X-A", "1")])
+            assert len(pool._idle) == 2  # excess idle connections closed at once
+            await _post(pool)
+            assert a.requests[-1][1]["x-a"] == "1" and pool.connections_opened == 4
+            pool.reconfigure(b.url("/ok"), size=2, timeout=5, headers=())
+            assert not pool._idle  # idle connections to the old origin closed
+            await asyncio.gather(*(_post(pool) for _ in range(10)))
+            assert len(b.requests) == 10 and pool.connections_opened == 6
+            await pool.close()
+    run(main())
+
+
+def test_cancelled_request_drops_its_connection(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/hang"), size=1, timeout=5)
+            task = asyncio.ensure_future(_post(pool))
+            waiter = asyncio.ensure_future(_post(pool))
+            await _until(lambda: len(srv.requests) == 1)
+            task.cancel()
+            await _until(lambda: len(srv.requests) == 2)  # the waiter got a fresh connection
+            assert pool.connections_opened == 2
+            await pool.close()
+            with pytest.raises(TransportError) as ei:
+                await waiter
+            assert ei.value.kind == "closed" and ei.value.sent
+            assert pool.in_flight == 0
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: Any) -> tuple[str, str]:
+    import shutil
+    import subprocess
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+def test_https_with_a_trusted_and_an_untrusted_certificate(run: Any, cert: tuple[str, str]) -> None:
+    import ssl
+
+    async def main() -> None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(*cert)
+        srv = Server()
+        srv.srv = await asyncio.get_running_loop().create_server(
+            lambda: Scripted(srv), "127.0.0.1", 0, ssl=server_ctx)
+        port = srv.srv.sockets[0].getsockname()[1]
+        try:
+            trusted = ssl.create_default_context(cafile=cert[0])
+            pool = Pool(f"https://127.0.0.1:{port}/chunked", size=2, timeout=5, ssl_context=trusted)
+            for _ in range(3):
+                assert await _post(pool) == Response(202, None)
+            assert pool.connections_opened == 1
+            assert srv.requests[0][1]["host"] == f"127.0.0.1:{port}"
+            await pool.close()
+            pool = Pool(f"https://127.0.0.1:{port}/ok", size=1, timeout=5)  # system CAs only
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert ei.value.kind == "connect" and not ei.value.sent
+            await pool.close()
+        finally:
+            srv.srv.close()
+    run(main())
