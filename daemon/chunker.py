@@ -103,6 +103,43 @@ def plan(buf: Buffer, start: int, chunk_bytes: int) -> Iterator[tuple[int, int]]
         pos = end
 
 
+class FileView:
+    """`len()` and `find(b"\n", pos)` over an open file with pread, for plan().
+
+    The supervisor plans over this rather than an mmap: a file truncated under it
+    then gives a short read, never a SIGBUS, and no page of the file stays resident.
+    """
+
+    BLOCK = 64 * 1024
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def find(self, sub: bytes, pos: int) -> int:
+        while pos < self.size:
+            block = os.pread(self.fd, min(self.BLOCK, self.size - pos), pos)
+            if not block:
+                return -1  # truncated since we looked: the caller's span ends at size
+            i = block.find(sub)
+            if i >= 0:
+                return pos + i
+            pos += len(block)
+        return -1
+
+
+def read_span(fd: int, start: int, end: int) -> bytes:
+    """The bytes of [start, end) with pread; OSError if the file is shorter now."""
+    data = os.pread(fd, end - start, start)
+    if len(data) < end - start:
+        raise OSError(errno.EINVAL, f"file ends at {start + len(data)}, before the planned "
+                                    f"span [{start}, {end}) (truncated while in use?)")
+    return data
+
+
 def map_span(path: str, start: int, end: int) -> tuple[mmap.mmap, int]:
     """mmap [start, end) of `path` read-only; returns (map, base), file offset = base + index."""
     if end <= start:

@@ -67,6 +67,7 @@ class RetryConfig:
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_age: float = 86400.0
+    budget: float = 0.2  # share of sends retries may take while first attempts are waiting
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,10 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
         max_attempts=_num("retry", "max_attempts", s.get("max_attempts", 5), minimum=1, integer=True),
         base_delay=_num("retry", "base_delay", s.get("base_delay", 0.5), positive=True),
         max_delay=_num("retry", "max_delay", s.get("max_delay", 30.0), positive=True),
-        max_age=_num("retry", "max_age", s.get("max_age", 86400.0), positive=True))
+        max_age=_num("retry", "max_age", s.get("max_age", 86400.0), positive=True),
+        budget=_num("retry", "budget", s.get("budget", 0.2), minimum=0))
+    if retry.budget > 1:
+        raise _fail("retry", "budget", f"must be a share between 0 and 1, got {retry.budget:g}")
     if retry.max_delay < retry.base_delay:
         raise _fail("retry", "max_delay", f"must be >= base_delay ({retry.base_delay:g}), "
                     f"got {retry.max_delay:g}")

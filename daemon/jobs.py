@@ -1,13 +1,13 @@
 """Jobs on disk and in memory: claim, manifest, lazy chunk plan, counts, summary.
 
 The rule "a job is final when every chunk is final" lives here, in one place.
-A job plans its chunks lazily over an mmap (never a full pre-scan), and
-after a restart skips chunks the WALs prove final. Never talks to workers.
+A job plans its chunks lazily with pread (never a full pre-scan, never an mmap
+that a truncation would turn into SIGBUS) and after a restart skips chunks the
+WALs prove final. Never talks to workers.
 """
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import re
 import stat
@@ -85,7 +85,7 @@ class Job:
     planned_all: bool = False
     chunks_done: int = 0
     _plan: Iterator[tuple[int, int]] | None = None
-    _mm: mmap.mmap | None = None
+    _fd: int | None = None
     _seq: int = 0
     _plan_pos: int = 0
 
@@ -103,9 +103,9 @@ class Job:
         if self.size <= self.data_start:
             self.planned_all = True
             return
-        with open(self.spool, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._plan = chunker.plan(self._mm, self.data_start, self.chunk_bytes)
+        self._fd = os.open(self.spool, os.O_RDONLY | os.O_CLOEXEC)
+        self._plan = chunker.plan(chunker.FileView(self._fd, self.size), self.data_start,
+                                  self.chunk_bytes)
         self._plan_pos = self.data_start
 
     def next_chunk(self) -> Chunk | None:
@@ -136,16 +136,16 @@ class Job:
                 done, prior = partial_counts(rec.partial[seq])
             self.outstanding[seq] = end - start
             return Chunk(self.id, str(self.spool), self.name, seq, start, end, self.layout,
-                         done, prior)
+                         self.started_at, done, prior)
         return None
 
     def _close_plan(self) -> None:
         self.planned_all = True
         self._plan = None
         self.recovery = None  # everything it could tell has been used
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def ack(self, seq: int, counts: Counts) -> None:
         if seq in self.outstanding:

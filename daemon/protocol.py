@@ -74,6 +74,7 @@ class Chunk:
     start: int
     end: int
     layout: CsvLayout
+    started_at: float  # time.time() the job was claimed: alerts age from here (retry.max_age)
     # Recovery: rows of this chunk that already have a final outcome, and their counts.
     done: frozenset[int] = frozenset()
     prior: Counts = field(default_factory=Counts)

@@ -90,3 +90,42 @@ class TokenBudget:
     def drop_local(self) -> None:
         """Forget parked tokens (after a rate change) so the new rate applies at once."""
         self._local = 0
+
+
+# ---------------------------------------------------------------- adaptive rate (AIMD)
+
+DECREASE = 0.7  # a 429 multiplies the shared rate by this...
+CUT_SPACING = 1.0  # ...at most once per this many seconds (one burst of 429s = one cut)
+HOLD_AFTER_CUT = 2.0  # no increase this soon after a cut
+INCREASE_SHARE = 0.02  # each second without a cut adds this share of the limit
+MIN_RATE = 1.0
+
+
+def throttled(shared: Shared) -> None:
+    """The receiver answered 429: cut the rate every worker shares."""
+    st = shared.state
+    with shared.lock:
+        now = time.monotonic()
+        if now - st.adapt_at < CUT_SPACING:
+            return
+        base = st.rate if st.rate > 0 else st.observed_rate
+        if base <= 0:
+            return
+        st.rate = max(MIN_RATE, base * DECREASE)
+        st.burst = max(1.0, st.rate / 20.0)
+        st.tokens = min(st.tokens, st.burst)
+        st.adapt_at = now
+
+
+def recover_rate(shared: Shared, limit: float, burst: float) -> None:
+    """Once a second (supervisor): additive increase back toward the configured limit."""
+    st = shared.state
+    with shared.lock:
+        now = time.monotonic()
+        if st.adapt_at == 0.0 or st.rate <= 0 or now - st.adapt_at < HOLD_AFTER_CUT:
+            return
+        if limit > 0 and st.rate >= limit:
+            return
+        rate = st.rate + max(MIN_RATE, INCREASE_SHARE * (limit if limit > 0 else st.rate))
+        st.rate = min(rate, limit) if limit > 0 else rate
+        st.burst = burst if st.rate == limit else max(1.0, st.rate / 20.0)

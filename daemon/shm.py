@@ -33,8 +33,23 @@ class SharedState(ctypes.Structure):
         ("tokens", ctypes.c_double),  # tokens available at `stamp`
         ("stamp", ctypes.c_double),  # time.monotonic() of the last refill
         ("pause_until", ctypes.c_double),  # time.monotonic(): nobody sends before (429 Retry-After)
-        ("breaker_state", ctypes.c_int32),  # 0 closed, 1 open, 2 half-open
+        # Adaptive rate (ratelimit.py): when the last 429 cut the rate, and the send
+        # rate the supervisor measured over the last second (base for a first cut).
+        ("adapt_at", ctypes.c_double),
+        ("observed_rate", ctypes.c_double),
+        # Circuit breaker (breaker.py).
+        ("breaker_state", ctypes.c_int32),  # 0 closed, 1 open
+        ("breaker_reason", ctypes.c_int32),  # why it opened: 1 failures, 2 410 Gone
         ("breaker_until", ctypes.c_double),  # time.monotonic() of the next probe while open
+        ("breaker_opened_at", ctypes.c_double),  # time.time() it last opened
+        ("breaker_opens", ctypes.c_uint64),  # times it opened since start
+        ("probes", ctypes.c_uint64),  # probes sent while open
+        ("win_start", ctypes.c_double),  # the current 1 s window of attempt results
+        ("win_ok", ctypes.c_uint32),
+        ("win_fail", ctypes.c_uint32),
+        ("prev_ok", ctypes.c_uint32),  # the window before it
+        ("prev_fail", ctypes.c_uint32),
+        ("consecutive_fail", ctypes.c_uint32),
         ("generation", ctypes.c_int64),  # bumped on every applied reload
         ("workers", WorkerSlot * MAX_WORKERS),
     ]

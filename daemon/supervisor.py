@@ -8,6 +8,7 @@ the outcomes are durable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import ratelimit, signals, systemd, wal, worker
+from .breaker import Breaker
 from .config import Config
 from .errors import ConfigError
 from .jobs import Job, JobStore, partial_counts
@@ -115,9 +117,16 @@ class Supervisor:
         """Housekeeping once a second: systemd status and watchdog, a safety rescan."""
         wd = systemd.watchdog_interval()
         n = 0
+        last_sent, last_t = 0, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, wd or 1.0))
             n += 1
+            sent, now = sum(s.sent for s in self._slots()), time.monotonic()
+            self.shared.state.observed_rate = max(0, sent - last_sent) / max(1e-3, now - last_t)
+            last_sent, last_t = sent, now
+            if self.cfg.rate.adaptive:
+                ratelimit.recover_rate(self.shared, self.cfg.rate.limit,
+                                       self.cfg.rate.effective_burst)
             pending = sum(s.pending for s in self._slots())
             extra = ["WATCHDOG=1"] if wd else []
             systemd.notify(*extra, f"STATUS={len(self.jobs)} jobs, {pending} pending rows")
@@ -299,9 +308,8 @@ class Supervisor:
                 self._maybe_finalize(job)
                 continue
             done, prior = partial_counts(r.partial.get(seq, {})) if r else (frozenset(), None)
-            job.requeue(Chunk(chunk.job, chunk.path, chunk.name, chunk.seq, chunk.start,
-                              chunk.end, chunk.layout, done | chunk.done,
-                              prior if prior is not None else chunk.prior))
+            job.requeue(dataclasses.replace(
+                chunk, done=done | chunk.done, prior=prior if prior is not None else chunk.prior))
         w.chunks.clear()
 
     # ------------------------------------------------------------ signals
@@ -373,25 +381,51 @@ class Supervisor:
     # ------------------------------------------------------------ status
 
     def snapshot(self) -> dict[str, Any]:
+        """The raw /v1/status document; status.py adds rates, ETAs, RSS/CPU and totals."""
         st = self.shared.state
         now = time.monotonic()
         jobs = []
         for job in self.jobs.values():
             c = job.counts
             jobs.append({"job": job.id, "file": job.name, "bytes": job.size,
-                         "bytes_planned": job.bytes_planned, "bytes_done": job.bytes_done, "planned_all": job.planned_all,
-                         "chunks_done": job.chunks_done, "chunks_in_flight": len(job.outstanding),
-                         **c.as_dict(), "failed": job.failed})
+                         "data_start": job.data_start, "started_at": job.started_at,
+                         "bytes_planned": job.bytes_planned, "bytes_done": job.bytes_done,
+                         "planned_all": job.planned_all, "chunks_done": job.chunks_done,
+                         "chunks_in_flight": len(job.outstanding), **c.as_dict(),
+                         "failed": job.failed})
         workers = []
         for w in self.workers.values():
             s = self.shared.slot(w.index)
             workers.append({"index": w.index, "pid": w.proc.pid, "ready": w.ready,
-                            "retiring": w.retiring, "chunks": len(w.chunks), "sent": s.sent,
+                            "retiring": w.retiring, "generation": w.generation,
+                            "chunks": len(w.chunks), "sent": s.sent,
                             "delivered": s.delivered, "in_flight": s.in_flight,
                             "pending": s.pending, "wal_error": bool(s.wal_error),
                             "heartbeat_age": round(now - s.heartbeat, 3) if s.heartbeat else None})
+        breaker = {0: "closed", 1: "open", 2: "half-open"}.get(st.breaker_state, "unknown")
         return {"pid": os.getpid(), "started_at": self.started_at, "draining": self.draining,
+                "config": str(self.cfg.source) if self.cfg.source else None,
+                "generation": self.generation,
                 "jobs": jobs, "finished": self.finished, "workers": workers,
-                "rate": {"limit": st.rate, "burst": st.burst,
+                "rate": {"limit": st.rate, "configured_limit": self.cfg.rate.limit,
+                         "burst": st.burst, "adaptive": self.cfg.rate.adaptive,
                          "paused_for": max(0.0, st.pause_until - now)},
-                "reload": self.last_reload}
+                "breaker": Breaker(self.shared).describe(),
+                "breaker": {"state": breaker,
+                            "probe_in": max(0.0, st.breaker_until - now) if st.breaker_state else 0.0},
+                "reload": {**self.last_reload, **self._reload_counts}}
+
+    # Reload results are counted where they are recorded, so /metrics can expose counters
+    # without handle_hup knowing about metrics.
+    _reload_counts: dict[str, int] = {"succeeded": 0, "failed": 0}
+
+    @property
+    def last_reload(self) -> dict[str, Any]:
+        return self._last_reload
+
+    @last_reload.setter
+    def last_reload(self, value: dict[str, Any]) -> None:
+        self._last_reload = value
+        if value.get("ok") is not None:
+            key = "succeeded" if value["ok"] else "failed"
+            self._reload_counts = {**self._reload_counts, key: self._reload_counts[key] + 1}

@@ -23,6 +23,7 @@ from .protocol import Counts
 
 _CRC = b',"crc":'
 _CHUNK = b'"out":"chunk"'
+FINAL = frozenset(("delivered", "rejected", "dead"))  # a row has exactly one of these
 _NAME = re.compile(r"worker-(\d+)(?:\.(\d+))?\.wal")
 
 _dumps = orjson.dumps
@@ -182,8 +183,8 @@ def recover(wal_dir: Path, jobs: Collection[str] | None = None,
                 if stats is not None:
                     stats.corrupt += 1
                 continue
-            if rec.get("out") == "chunk" or "off" not in rec:
-                continue
+            if rec.get("out") not in FINAL or "off" not in rec:
+                continue  # chunk markers, and records that settle nothing (e.g. replays)
             job, ck = rec["job"], rec["ck"]
             if (job.encode(), ck) in final or (wanted is not None and job.encode() not in wanted):
                 continue

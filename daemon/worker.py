@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 import orjson
 
 from . import chunker, ratelimit, wal
+from .breaker import REASON_GONE, Breaker, Gate
 from .config import Config
 from .payload import Payloads
 from .protocol import Chunk, ChunkAck, ChunkFailed, Counts, Drain, Outcome, Ready, Reload
@@ -30,6 +31,7 @@ from .transport import Pool, TransportError
 log = logging.getLogger("alertd.worker")
 
 MAX_LINE_IN_REJECT = 1024  # bytes of a bad line kept in rejects/<job>.jsonl
+RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock, not 64)
 
 
 def retryable(status: int) -> bool:
@@ -50,7 +52,7 @@ def retry_after_seconds(value: bytes | None) -> float | None:
 
 
 class _ChunkState:
-    __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "mm", "finished")
+    __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "finished")
 
     def __init__(self, chunk: Chunk) -> None:
         self.chunk = chunk
@@ -59,21 +61,20 @@ class _ChunkState:
         self.outstanding = 0  # rows read but not yet final
         self.parsed = False  # every row of the span has been read
         self.rows = None
-        self.mm = None
         self.finished = False
 
 
 class _Alert:
-    __slots__ = ("cs", "off", "uid", "msg", "attempts", "first", "dup")
+    __slots__ = ("cs", "off", "uid", "msg", "attempts", "dup", "last")
 
     def __init__(self, cs: _ChunkState, off: int, uid: str, msg: str) -> None:
         self.cs = cs
         self.off = off
         self.uid = uid
         self.msg = msg
-        self.attempts = 0
-        self.first = time.monotonic()
+        self.attempts = 0  # attempts that count toward retry.max_attempts
         self.dup = False  # a request may have reached the receiver without us knowing
+        self.last: tuple[int, str] = (0, "")  # last status and error
 
 
 class Worker:
@@ -99,6 +100,10 @@ class Worker:
         self._acks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._done = asyncio.Event()
+        self.breaker = Breaker(shared)
+        self._ok = 0  # successes not yet reported to the breaker
+        self._sent_first = 0  # sends of first attempts / of retries, for the retry budget
+        self._sent_retry = 0
 
     def _apply(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -179,13 +184,19 @@ class Worker:
             self._done.set()
 
     async def _heartbeat(self) -> None:
+        ticks = 0
         while True:
+            ticks += 1
+            if ticks % 10 == 0:  # the retry budget looks at roughly the last second or two
+                self._sent_first //= 2
+                self._sent_retry //= 2
             self.slot.heartbeat = time.monotonic()
             self.slot.pending = self._pending
             self.slot.wal_error = 1 if self.wal.error else 0
-            await asyncio.sleep(0.5)
+            self._flush_results()
+            await asyncio.sleep(0.1)
 
-    # ------------------------------------------------------------ rows
+    # ------------------------------------------------------------ choosing work
 
     async def _lane(self, i: int) -> None:
         while not self._draining and i < self.cfg.workers.concurrency:
@@ -199,17 +210,43 @@ class Worker:
         self._more.clear()
         timeout = None
         if self._retries:
-            timeout = max(0.0, self._retries[0][0] - time.monotonic())
+            timeout = max(0.001, self._retries[0][0] - time.monotonic())
+        if self.wal.error or self.breaker.is_open:
+            timeout = min(timeout or 0.25, 0.25)  # conditions nobody signals: poll them
         try:
             await asyncio.wait_for(self._more.wait(), timeout)
         except TimeoutError:
             pass
 
     def _next_alert(self) -> _Alert | None:
-        if self._retries and self._retries[0][0] <= time.monotonic():
+        if self.wal.error:
+            return None  # never send what could not be confirmed: wait for the disk
+        now = time.monotonic()
+        due = bool(self._retries) and self._retries[0][0] <= now
+        if self.breaker.is_open:
+            # An outage: no new rows (pending stays bounded), only held retries and probes.
+            if due:
+                return heapq.heappop(self._retries)[2]
+            self._expire_rows()
+            return None
+        # Retries take at most their budgeted share while new rows are waiting.
+        if due and (self._retry_share_ok() or not self._rows_waiting()):
             return heapq.heappop(self._retries)[2]
         if self._draining or len(self._retries) >= self.max_backlog:
-            return None
+            return heapq.heappop(self._retries)[2] if due else None
+        a = self._read_row()
+        if a is None and due:
+            return heapq.heappop(self._retries)[2]
+        return a
+
+    def _retry_share_ok(self) -> bool:
+        first, retried = self._sent_first, self._sent_retry
+        return retried <= self.cfg.retry.budget * (first + retried)
+
+    def _rows_waiting(self) -> bool:
+        return self._cur is not None or bool(self._chunks)
+
+    def _read_row(self) -> _Alert | None:
         while True:
             cs = self._cur
             if cs is None:
@@ -231,23 +268,37 @@ class Worker:
                 return _Alert(cs, off, uid, msg if msg is not None else self.cfg.alert.message)
             cs.parsed = True
             cs.rows = None
-            cs.mm.close()
-            cs.mm = None
             self._cur = None
             self._maybe_finish(cs)
+
+    def _expire_rows(self) -> None:
+        """While the endpoint is down, rows of jobs older than retry.max_age are dead
+        without a send: the job can then complete instead of waiting forever."""
+        max_age = self.cfg.retry.max_age
+        while (cs := self._cur or (self._chunks[0] if self._chunks else None)) is not None:
+            chunk = cs.chunk if isinstance(cs, _ChunkState) else cs
+            if time.time() - chunk.started_at < max_age:
+                return
+            a = self._read_row()
+            if a is None:
+                return
+            self._final(a, Outcome.DEAD, 0, f"expired: endpoint down and older than "
+                        f"retry.max_age ({max_age:g} s)")
 
     def _open_chunk(self, chunk: Chunk) -> _ChunkState | None:
         cs = _ChunkState(chunk)
         try:
-            # A file shorter than the span would SIGBUS on access: check first.
-            if os.stat(chunk.path).st_size < chunk.end:
-                raise OSError(f"file shrank below offset {chunk.end} (truncated while queued)")
-            mm, base = chunker.map_span(chunk.path, chunk.start, chunk.end)
+            # pread, not mmap: a file truncated under us gives a short read, never SIGBUS.
+            fd = os.open(chunk.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = chunker.read_span(fd, chunk.start, chunk.end)
+            finally:
+                os.close(fd)
         except OSError as e:
+            log.error("worker %d: %s chunk %d unreadable: %s", self.index, chunk.job, chunk.seq, e)
             self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
             return None
-        cs.mm = mm
-        cs.rows = chunker.rows(mm, base, chunk.start, chunk.end)
+        cs.rows = chunker.rows(data, chunk.start, chunk.start, chunk.end)
         self._cur = cs
         return cs
 
@@ -264,7 +315,15 @@ class Worker:
     # ------------------------------------------------------------ sending
 
     async def _attempt(self, a: _Alert) -> None:
+        gate = self.breaker.admit()
+        if gate is Gate.HOLD:
+            self._hold(a)
+            return
         await self.budget.acquire()
+        if a.attempts:
+            self._sent_retry += 1
+        else:
+            self._sent_first += 1
         a.attempts += 1
         chunk = a.cs.chunk
         hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name, a.off,
@@ -276,35 +335,89 @@ class Worker:
             r = await self.pool.post(hdr, body)
         except TransportError as e:
             if e.sent:
-                a.dup = True
-            self._retry_or_dead(a, 0, f"{e.kind}: {e}", None)
+                a.dup = True  # outcome unknown: it may have arrived; same id on the retry
+            self._failed(a, gate, 0, f"{e.kind}: {e}")
             return
         finally:
             slot.in_flight -= 1
         status = r.status
         if 200 <= status < 300:
             slot.delivered += 1
+            self._ok += 1
+            if gate is Gate.PROBE or self._ok >= RESULT_BATCH:
+                self._flush_results()
             self._final(a, Outcome.DELIVERED, status, None)
+        elif status == 429:
+            # The receiver's rate limit, not a bad message: wait as told, slow down,
+            # and do not spend one of the alert's attempts.
+            a.attempts -= 1
+            after = retry_after_seconds(r.retry_after)
+            ratelimit.pause(self.shared, min(after if after is not None else 1.0,
+                                             self.cfg.retry.max_delay))
+            if self.cfg.rate.adaptive:
+                ratelimit.throttled(self.shared)
+            self._retry(a, after or 0.0)
+        elif status == 410:
+            # Permanent for this alert, and the endpoint says it is gone: stop sending.
+            self.breaker.trip(REASON_GONE)
+            self._final(a, Outcome.DEAD, status, "HTTP 410 Gone (permanent; breaker opened)")
         elif retryable(status):
-            self._retry_or_dead(a, status, f"HTTP {status}", retry_after_seconds(r.retry_after))
+            self._failed(a, gate, status, f"HTTP {status}",
+                         retry_after_seconds(r.retry_after))
         else:
             self._final(a, Outcome.DEAD, status, f"HTTP {status} (permanent)")
 
-    def _retry_or_dead(self, a: _Alert, status: int, err: str, after: float | None) -> None:
-        retry = self.cfg.retry
+    def _flush_results(self) -> None:
+        if self._ok:
+            ok, self._ok = self._ok, 0
+            self.breaker.record(ok, 0)
+
+    def _failed(self, a: _Alert, gate: Gate, status: int, err: str,
+                after: float | None = None) -> None:
+        """A retryable failure: tell the breaker, then retry or give up."""
+        self._flush_results()
+        self.breaker.record(0, 1)
+        a.last = (status, err)
+        if gate is Gate.PROBE or self.breaker.is_open:
+            # A failed probe, or a failure that opened the breaker: the endpoint is
+            # down, which says nothing about this alert. Hold it; no attempt spent.
+            a.attempts -= 1
+            self._hold(a)
+            return
         if after is not None:
-            after = min(after, retry.max_delay)
+            after = min(after, self.cfg.retry.max_delay)
             ratelimit.pause(self.shared, after)
-        age = time.monotonic() - a.first
-        if a.attempts >= retry.max_attempts or age >= retry.max_age:
+        if a.attempts >= self.cfg.retry.max_attempts:
             self._final(a, Outcome.DEAD, status, err)
             return
+        self._retry(a, after or 0.0)
+
+    def _expired(self, a: _Alert) -> bool:
+        age = time.time() - a.cs.chunk.started_at
+        if age < self.cfg.retry.max_age:
+            return False
+        status, err = a.last
+        self._final(a, Outcome.DEAD, status, f"expired after {age:.0f} s (retry.max_age); "
+                    f"last error: {err}")
+        return True
+
+    def _hold(self, a: _Alert) -> None:
+        """Park an alert until the next probe slot, spending no attempt."""
+        if self._expired(a):
+            return
+        self._push(a, max(self.breaker.probe_due(), time.monotonic()) + random.uniform(0, 0.05))
+
+    def _retry(self, a: _Alert, at_least: float) -> None:
+        if self._expired(a):
+            return
+        retry = self.cfg.retry
         # Full jitter (AWS): spreads retries of many rows instead of synchronising them.
-        delay = random.uniform(0, min(retry.max_delay, retry.base_delay * 2 ** (a.attempts - 1)))
-        if after is not None:
-            delay = max(delay, after)
+        ceiling = min(retry.max_delay, retry.base_delay * 2 ** max(0, a.attempts - 1))
+        self._push(a, time.monotonic() + max(random.uniform(0, ceiling), at_least))
+
+    def _push(self, a: _Alert, due: float) -> None:
         self._tiebreak += 1
-        heapq.heappush(self._retries, (time.monotonic() + delay, self._tiebreak, a))
+        heapq.heappush(self._retries, (due, self._tiebreak, a))
         self._more.set()
 
     def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
