@@ -57,8 +57,11 @@ class Breaker:
             return Gate.PROBE
 
     def record(self, ok: int, failed: int) -> None:
-        """Results of attempts since the last call (a worker batches its successes)."""
+        """Results since the last call (a worker batches its successes): `ok` successes,
+        `failed` retryable failures of alerts on their first attempt."""
         st = self._st
+        if not ok and not failed:
+            return
         with self._shared.lock:
             now = time.monotonic()
             if now - st.win_start >= WINDOW:

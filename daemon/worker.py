@@ -376,7 +376,10 @@ class Worker:
                 after: float | None = None) -> None:
         """A retryable failure: tell the breaker, then retry or give up."""
         self._flush_results()
-        self.breaker.record(0, 1)
+        # Only an alert's first failure speaks about the endpoint: at the end of a job the
+        # few alerts still retrying may be ones the receiver always refuses, and their
+        # repeated failures must dead-letter them, not look like an outage.
+        self.breaker.record(0, 1 if a.attempts == 1 else 0)
         a.last = (status, err)
         if gate is Gate.PROBE or self.breaker.is_open:
             # A failed probe, or a failure that opened the breaker: the endpoint is
