@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import orjson
@@ -26,39 +27,78 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
                    help="TOML config file (default: $ALERTD_CONFIG or %(default)s)")
 
 
+EXIT_CODES = """exit codes:
+  0  ok
+  1  a failure was found (verify: rows without exactly one final outcome;
+     run: another alertd holds the state directory)
+  2  bad command line or configuration (nothing started; stderr names the key)
+  3  the daemon's status API cannot be reached"""
+
+CONFIG_HELP = "every command reads --config (default $ALERTD_CONFIG, else " \
+    f"{config.DEFAULT_CONFIG_PATH})"
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, help_: str, description: str,
+         extra: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=description,
+                       epilog=(extra + "\n\n" if extra else "") + EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="alertd", description="Deliver every row of CSV files dropped in a folder as a "
-        "signed webhook call.",
-        epilog="exit codes: 0 ok, 1 failure found (e.g. verify), 2 bad usage or config, "
-        "3 daemon unreachable")
+        "signed webhook call.", epilog=CONFIG_HELP + "\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"alertd {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
-    _config_arg(p)
+    p = _sub(sub, "run", "run the daemon in the foreground (what systemd starts)",
+             "Run the supervisor and its workers in the foreground until TERM/INT.",
+             "signals: HUP reloads the config (a bad one is logged and the running one\n"
+             "kept); TERM/INT drain (finish requests in flight for up to [shutdown] grace\n"
+             "seconds, fsync, exit 0); a second TERM/INT hurries.\n"
+             "Under systemd (Type=notify) it reports READY/RELOADING/STOPPING/WATCHDOG.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default=None, choices=["text", "json"],
-                   help="text (default; journald priorities under systemd) or json")
+                   help="text (default; '<N>' journald priorities when JOURNAL_STREAM is set) "
+                   "or json (one object per line)")
 
-    p = sub.add_parser("status", help="show jobs, workers and the rate limiter")
-    _config_arg(p)
-    p.add_argument("--json", action="store_true", help="print the raw /v1/status JSON")
-    p.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    p = _sub(sub, "status", "show jobs, workers, rate limiter, breaker, last reload",
+             "Ask the running daemon's status API ([status] listen) and print a table:\n"
+             "a progress bar, counts, rate and ETA per job, then RSS, CPU and requests\n"
+             "in flight per worker. Job counts are as of each job's last acknowledged chunk.")
+    p.add_argument("--json", action="store_true", help="print the /v1/status JSON document")
+    p.add_argument("--watch", action="store_true", help="redraw every --interval seconds "
+                   "until Ctrl-C (keeps trying while the daemon restarts)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="refresh period for --watch (default %(default)s)")
 
-    p = sub.add_parser("tail", help="print outcomes from all worker WALs, oldest first")
-    _config_arg(p)
-    p.add_argument("-f", "--follow", action="store_true", help="keep following new outcomes")
-    p.add_argument("-n", "--lines", type=int, default=20, help="outcomes to show first (0 = all)")
+    p = _sub(sub, "tail", "print outcomes from all worker WALs merged in time order",
+             "Print the outcome records of every worker's WAL, merged by time:\n"
+             "delivered, rejected, dead, and the per-chunk markers. Reads files only:\n"
+             "works whether or not the daemon runs.")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new outcomes "
+                   "until Ctrl-C")
+    p.add_argument("-n", "--lines", type=int, default=20, help="outcomes to show first "
+                   "(0 = all; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print WAL records as JSON lines")
 
-    p = sub.add_parser("verify", help="prove every row of a job has exactly one final outcome")
-    _config_arg(p)
-    p.add_argument("job", help="job id, e.g. j000042")
+    p = _sub(sub, "verify", "prove every row of a job has exactly one final outcome",
+             "Re-read the job's source file (spool/ or done/) and check that every row\n"
+             "has exactly one final outcome (delivered, rejected or dead) in the WALs.\n"
+             "Exit 1 if any row has none or more than one.")
+    p.add_argument("job", help="job id, e.g. j000042 (see `alertd status` or done/)")
 
-    p = sub.add_parser("dlq", help="dead letters: list them")
-    _config_arg(p)
-    p.add_argument("action", choices=["list"])
+    p = _sub(sub, "dlq", "dead letters: list them, or replay them with their original ids",
+             "list: the dead-letter files (dlq/<job>.jsonl) with their line counts.\n"
+             "replay: resend the dead letters of a finished job (or of every finished job)\n"
+             "with their original webhook-id, using the config's webhook, secrets, rate and\n"
+             "retries; delivered ones leave the DLQ, each result is a WAL record.\n"
+             "Exit 1 if any dead letter still fails.")
+    p.add_argument("action", choices=["list", "replay"])
     p.add_argument("job", nargs="?", help="only this job")
     return ap
 
@@ -66,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config) if args.cmd == "run" else _load_for_reading(args.config)
     except ConfigError as e:
         print(f"alertd: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -74,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "run":
             return _run(cfg, args)
         if args.cmd == "status":
-            return commands.status(cfg, as_json=args.json, watch=args.watch)
+            return commands.status(cfg, as_json=args.json, watch=args.watch,
+                                   interval=max(0.1, args.interval))
         if args.cmd == "tail":
             return commands.tail(cfg, follow=args.follow, lines=args.lines, as_json=args.json)
         if args.cmd == "verify":
             return commands.verify(cfg, args.job)
+        if args.cmd == "dlq" and args.action == "replay":
+            return _replay(cfg, args.job)
         if args.cmd == "dlq":
             return commands.dlq_list(cfg, args.job)
     except commands.Unavailable as e:
@@ -89,7 +132,32 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:  # `alertd tail | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_CONFIG
+
+
+def _load_for_reading(path: str) -> config.Config:
+    """The config for status/tail/verify/dlq, which need only [paths] and [status].
+
+    After a reload that failed, the file on disk is broken while the daemon runs
+    on its previous version: that is when an operator runs `alertd status`, so
+    a bad value elsewhere is a warning here, not a refusal.
+    """
+    try:
+        return config.load(path)
+    except ConfigError as e:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+            base = Path(path).resolve().parent
+            cfg = config.from_dict({"paths": raw.get("paths", {}), "status": raw.get("status", {}),
+                                    "webhook": {"url": "http://localhost/"}}, base)
+        except (OSError, tomllib.TOMLDecodeError, ConfigError, AttributeError):
+            raise e from None
+        print(f"alertd: warning: {e} (using only [paths] and [status])", file=sys.stderr)
+        return cfg
 
 
 def _run(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -114,6 +182,17 @@ def _run(cfg: config.Config, args: argparse.Namespace) -> int:
         print(f"alertd: another alertd is already running on {cfg.state_dir}", file=sys.stderr)
         return EXIT_FAILURE
     return uvloop.run(Supervisor(cfg, level).run())
+
+
+def _replay(cfg: config.Config, job: str | None) -> int:
+    from .replay import replay
+
+    failed = 0
+    for r in replay(cfg, job):
+        print(f"{r.job}: replayed {r.delivered + r.failed}, delivered {r.delivered}, "
+              f"still failing {r.failed}")
+        failed += r.failed
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def console() -> None:

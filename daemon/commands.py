@@ -62,45 +62,90 @@ def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
     return orjson.loads(body)
 
 
-def _bar(frac: float, width: int = 24) -> str:
+def _bar(frac: float, width: int = 20) -> str:
     n = max(0, min(width, int(frac * width + 0.5)))
     return "[" + "#" * n + "." * (width - n) + "]"
 
 
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}M"
+
+
 def render(doc: dict[str, Any]) -> str:
-    lines = []
+    """The `alertd status` table: one line per job with a progress bar, then the workers."""
     rate = doc["rate"]
     limit = f"{rate['limit']:g}/s" if rate["limit"] > 0 else "unlimited"
-    lines.append(f"alertd pid {doc['pid']}  rate {limit}  "
-                 f"{'DRAINING  ' if doc['draining'] else ''}workers {len(doc['workers'])}")
-    if doc["reload"]["ok"] is False:
-        lines.append(f"last reload FAILED: {doc['reload']['error']}")
-    lines.append(f"{'JOB':9} {'FILE':24} {'PROGRESS':26} {'ROWS':>10} {'DELIVERED':>10} "
-                 f"{'REJECTED':>9} {'DEAD':>7}")
+    head = (f"alertd {doc.get('version', '')} pid {doc['pid']}  up "
+            f"{_dur(doc.get('now', time.time()) - doc['started_at'])}  "
+            f"{'DRAINING  ' if doc['draining'] else ''}delivering "
+            f"{doc.get('delivery_rate', 0):.0f}/s  limit {limit}")
+    if rate["paused_for"] > 0:
+        head += f" (paused {rate['paused_for']:.1f}s: 429)"
+    br = doc.get("breaker", {})
+    breaker = br.get("state", "closed")
+    head += f"  breaker {breaker.upper() if breaker != 'closed' else breaker}"
+    if breaker != "closed" and br.get("reason"):
+        head += f" ({br['reason']})"
+    lines = [head]
+    rl = doc["reload"]
+    if rl["ok"] is not None:
+        at = datetime.fromtimestamp(rl["at"]).strftime("%H:%M:%S")
+        lines.append(f"last reload {'ok' if rl['ok'] else 'FAILED'} at {at}"
+                     + (f": {rl['error']}" if rl["error"] else "")
+                     + f"  ({rl.get('succeeded', 0)} ok, {rl.get('failed', 0)} failed)")
+    lines.append(f"{'JOB':8} {'FILE':20} {'PROGRESS':22} {'DONE':>5} {'ROWS':>9} "
+                 f"{'DELIVERED':>9} {'REJECTED':>8} {'DEAD':>6} {'RATE/s':>7} {'ETA':>7}")
     for j in doc["jobs"]:
-        frac = j["bytes_done"] / j["bytes"] if j["bytes"] else 1.0
-        lines.append(f"{j['job']:9} {j['file'][:24]:24} {_bar(frac)} {j['rows']:>10} "
-                     f"{j['delivered']:>10} {j['rejected']:>9} {j['dead']:>7}"
+        frac = j.get("progress", j["bytes_done"] / j["bytes"] if j["bytes"] else 1.0)
+        est = j.get("rows_estimate")
+        rows = f"{j['rows']}" if j.get("planned_all") and not j["chunks_in_flight"] \
+            else (f"~{est}" if est else "?")
+        lines.append(f"{j['job']:8} {j['file'][:20]:20} {_bar(frac)} {frac:>5.0%} {rows:>9} "
+                     f"{j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
+                     f"{j.get('rate', 0):>7.0f} {_dur(j.get('eta_s')):>7}"
                      + (f"  FAILED: {j['failed']}" if j["failed"] else ""))
     if not doc["jobs"]:
         lines.append("(no job in progress)")
+    lines.append("(job counts are as of each job's last acknowledged chunk)")
+    lines.append(f"{'WORKER':6} {'PID':>7} {'RSS':>6} {'CPU':>5} {'IN FLIGHT':>9} "
+                 f"{'PENDING':>7} {'SENT':>10}")
     for w in doc["workers"]:
-        lines.append(f"worker {w['index']:<2} pid {w['pid']:<7} sent {w['sent']:>10} "
-                     f"in flight {w['in_flight']:>4} pending {w['pending']:>5}"
+        cpu = "-" if w.get("cpu_percent") is None else f"{w['cpu_percent']:.0f}%"
+        lines.append(f"{w['index']:<6} {w['pid']:>7} {_mib(w.get('rss_bytes')):>6} {cpu:>5} "
+                     f"{w['in_flight']:>9} {w['pending']:>7} {w['sent']:>10}"
+                     + ("  retiring" if w["retiring"] else "")
+                     + ("" if w["ready"] else "  starting")
                      + ("  WAL ERROR" if w["wal_error"] else ""))
     return "\n".join(lines)
 
 
-def status(cfg: Config, as_json: bool = False, watch: bool = False) -> int:
+def status(cfg: Config, as_json: bool = False, watch: bool = False,
+           interval: float = 1.0) -> int:
+    """Print the status once, or redraw it every `interval` seconds until Ctrl-C."""
     while True:
-        doc = fetch_status(cfg)
-        out = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json else render(doc)
-        if watch:
+        try:
+            doc = fetch_status(cfg)
+            out = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json \
+                else render(doc)
+        except Unavailable as e:
+            if not watch:
+                raise
+            out = f"alertd: {e} (retrying)"  # a restart should not end the watch
+        if watch and not as_json and sys.stdout.isatty():
             sys.stdout.write("\x1b[H\x1b[2J")
         print(out, flush=True)
         if not watch:
             return EXIT_OK
-        time.sleep(1.0)
+        time.sleep(interval)
 
 
 # ------------------------------------------------------------------ tail
@@ -116,9 +161,13 @@ def _human(r: dict[str, Any]) -> str:
 
 
 def tail(cfg: Config, follow: bool = False, lines: int = 20, as_json: bool = False) -> int:
+    """Print the last `lines` outcomes of all WALs merged by time (0 = all), then follow."""
     wal_dir = cfg.state_dir / "wal"
     fmt = (lambda r: orjson.dumps(r).decode()) if as_json else _human
-    merged = heapq.merge(*(wal.records(p) for p in wal.segments(wal_dir)),
+    offsets: dict[int, int] = {}
+    # The first pass records where it stopped in each file, so following starts exactly
+    # there: nothing written in between is skipped or printed twice.
+    merged = heapq.merge(*(_scan(p, offsets) for p in wal.segments(wal_dir)),
                          key=lambda r: r["ts"])
     recent: list[dict[str, Any]] = []
     for r in merged:
@@ -127,38 +176,43 @@ def tail(cfg: Config, follow: bool = False, lines: int = 20, as_json: bool = Fal
             recent = recent[-lines:]
     for r in recent[-lines:] if lines else recent:
         print(fmt(r))
+    sys.stdout.flush()
     if not follow:
         return EXIT_OK
-    offsets = {p: p.stat().st_size for p in wal.segments(wal_dir) if p.exists()}
     try:
         while True:
             time.sleep(0.2)
             batch = []
             for p in wal.segments(wal_dir):
-                batch.extend(_read_new(p, offsets))
+                batch.extend(_scan(p, offsets))
             for r in sorted(batch, key=lambda r: r["ts"]):
                 print(fmt(r), flush=True)
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-def _read_new(path: Path, offsets: dict[Path, int]) -> Iterator[dict[str, Any]]:
+def _scan(path: Path, offsets: dict[int, int]) -> Iterator[dict[str, Any]]:
+    """Complete records of `path` past its offset. Offsets are keyed by inode: a rotation
+    renames worker-k.wal to worker-k.<seq>.wal (same inode, continue) and starts a new
+    worker-k.wal (new inode, from 0), so nothing repeats or goes missing."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            pos = offsets.get(path, 0)
-            if size < pos:  # a new file took this name (rotation)
-                pos = 0
-            f.seek(pos)
-            data = f.read(size - pos)
+        f = open(path, "rb")
     except FileNotFoundError:
         return
-    end = data.rfind(b"\n") + 1  # a torn last line waits for the next round
-    offsets[path] = pos + end
-    for line in data[:end].splitlines():
-        r = wal.decode(line)
-        if r is not None:
-            yield r
+    with f:
+        ino = os.fstat(f.fileno()).st_ino
+        pos = offsets.get(ino, 0)
+        f.seek(pos)
+        try:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a torn last line waits for the next round
+                pos += len(line)
+                r = wal.decode(line)
+                if r is not None:
+                    yield r
+        finally:
+            offsets[ino] = pos
 
 
 # ------------------------------------------------------------------ verify

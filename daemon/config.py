@@ -36,9 +36,9 @@ class PathsConfig:
 class WebhookConfig:
     url: str = ""
     timeout: float = 10.0
-    secrets: tuple[str, ...] = ()
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
     secrets_file: Path | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold tokens
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,13 @@ class WalConfig:
     fsync: str = "interval"  # "interval" (group commit) or "always"
     fsync_interval: float = 0.05
     segment_bytes: int = 64 << 20
+    retention: float = 86400.0  # rotated segments of finished jobs are kept this long
 
 
 @dataclass(frozen=True)
 class StatusConfig:
     listen: str = "alertd.sock"  # unix socket (relative to state_dir) or 127.0.0.1:PORT
-    token: str = ""  # bearer token, required for a TCP listener
+    token: str = field(default="", repr=False)  # bearer token, required for a TCP listener
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,8 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
                     fsync_interval=_num("wal", "fsync_interval", s.get("fsync_interval", 0.05),
                                         positive=True),
                     segment_bytes=_num("wal", "segment_bytes", s.get("segment_bytes", 64 << 20),
-                                       minimum=4096, integer=True))
+                                       minimum=4096, integer=True),
+                    retention=_num("wal", "retention", s.get("retention", 86400.0), minimum=0))
 
     s = _section(raw, "status")
     status = StatusConfig(listen=_str("status", "listen", s.get("listen", "alertd.sock")),

@@ -19,7 +19,8 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 class _JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prio = _PRIORITY.get(record.levelno, 6)
-        return f"<{prio}>{super().format(record)}"
+        # journald splits on newlines: prefix every line of a traceback, not only the first
+        return "\n".join(f"<{prio}>{ln}" for ln in super().format(record).splitlines())
 
 
 class _JsonFormatter(logging.Formatter):
@@ -35,13 +36,31 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+def journal_stream(fd: int = 2) -> bool:
+    """True if `fd` is the stream systemd connected to the journal.
+
+    JOURNAL_STREAM is "<dev>:<inode>" of that stream; a child whose stderr was
+    redirected elsewhere inherits the variable, so the identity is compared
+    (as sd_journal_stream_fd(3) recommends) instead of trusting the name.
+    """
+    want = os.environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = want.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
 def setup(level: int = logging.INFO, process_name: str = "supervisor",
           fmt: str | None = None) -> None:
     fmt = fmt or os.environ.get("ALERTD_LOG_FORMAT", "text")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter(process_name))
-    elif os.environ.get("JOURNAL_STREAM"):
+    elif journal_stream(handler.stream.fileno()):
         handler.setFormatter(_JournalFormatter(f"{process_name}: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter(

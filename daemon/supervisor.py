@@ -24,6 +24,7 @@ from .breaker import Breaker
 from .config import Config
 from .errors import ConfigError
 from .jobs import Job, JobStore, partial_counts
+from .retention import Retention
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
@@ -66,6 +67,7 @@ class Supervisor:
         self._stopped = asyncio.Event()
         self._watcher: InboxWatcher | None = None
         self._status: StatusServer | None = None
+        self._retention = Retention(cfg.state_dir)
 
     # ------------------------------------------------------------ main loop
 
@@ -132,6 +134,10 @@ class Supervisor:
             systemd.notify(*extra, f"STATUS={len(self.jobs)} jobs, {pending} pending rows")
             if n % 10 == 0 and not self.draining:
                 self._rescan()  # inotify can overflow; a rescan costs one listdir
+            if n % 60 == 0:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, self._retention.collect,
+                                           self.cfg.wal.retention)
 
     def _slots(self) -> list[Any]:
         return [self.shared.slot(i) for i in self.workers]
@@ -402,7 +408,6 @@ class Supervisor:
                             "delivered": s.delivered, "in_flight": s.in_flight,
                             "pending": s.pending, "wal_error": bool(s.wal_error),
                             "heartbeat_age": round(now - s.heartbeat, 3) if s.heartbeat else None})
-        breaker = {0: "closed", 1: "open", 2: "half-open"}.get(st.breaker_state, "unknown")
         return {"pid": os.getpid(), "started_at": self.started_at, "draining": self.draining,
                 "config": str(self.cfg.source) if self.cfg.source else None,
                 "generation": self.generation,
@@ -410,8 +415,7 @@ class Supervisor:
                 "rate": {"limit": st.rate, "configured_limit": self.cfg.rate.limit,
                          "burst": st.burst, "adaptive": self.cfg.rate.adaptive,
                          "paused_for": max(0.0, st.pause_until - now)},
-                "breaker": Breaker(self.shared).describe(),
-                "breaker": {"state": breaker,
+                "breaker": {**Breaker(self.shared).describe(),
                             "probe_in": max(0.0, st.breaker_until - now) if st.breaker_state else 0.0},
                 "reload": {**self.last_reload, **self._reload_counts}}
 

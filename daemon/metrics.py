@@ -1,0 +1,104 @@
+"""Prometheus text exposition (format 0.0.4) of an enriched status document.
+
+Pure function of the document status.py builds: no state, no I/O. Labels are
+bounded (outcome, result, worker index, active job); never a secret or a URL.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OUTCOMES = ("delivered", "rejected", "dead", "possible_duplicates")
+BREAKER = {"closed": 0, "open": 1, "half-open": 2}
+
+
+def _esc(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict[str, object]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(v: float | int | None) -> str:
+    if v is None:
+        return "NaN"
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str,
+               samples: list[tuple[dict[str, object], float | int | None]]) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The /metrics body for one enriched /v1/status document."""
+    o = _Out()
+    t = doc["totals"]
+    o.family("alertd_rows_total", "counter",
+             "Rows with a final outcome in jobs handled since start (active jobs: as of "
+             "their last acknowledged chunk).",
+             [({"outcome": k}, t[k]) for k in ("delivered", "rejected", "dead")])
+    o.family("alertd_possible_duplicates_total", "counter",
+             "Delivered rows whose request may have reached the endpoint more than once.",
+             [({}, t["possible_duplicates"])])
+    o.family("alertd_requests_sent_total", "counter",
+             "HTTP requests sent to the webhook (attempts, retries included).",
+             [({}, t["requests_sent"])])
+    o.family("alertd_deliveries_total", "counter",
+             "Rows delivered, counted by the workers as responses arrive (ahead of acks).",
+             [({}, t["delivered_live"])])
+    o.family("alertd_delivery_rate", "gauge",
+             "Rows delivered per second over the last few seconds.",
+             [({}, doc["delivery_rate"])])
+    workers = doc["workers"]
+    o.family("alertd_in_flight_requests", "gauge", "Requests awaiting a response now.",
+             [({}, sum(w["in_flight"] for w in workers))])
+    o.family("alertd_pending_rows", "gauge",
+             "Rows read by workers but not final yet (in flight or awaiting a retry).",
+             [({}, sum(w["pending"] for w in workers))])
+    o.family("alertd_workers", "gauge", "Worker processes running (retiring ones included).",
+             [({}, len(workers))])
+    o.family("alertd_worker_rss_bytes", "gauge", "Resident memory per process.",
+             [({"process": f"worker-{w['index']}"}, w["rss_bytes"]) for w in workers]
+             + [({"process": "supervisor"}, doc["supervisor"]["rss_bytes"])])
+    o.family("alertd_worker_cpu_percent", "gauge",
+             "CPU use per process since the previous status sample (100 = one core).",
+             [({"process": f"worker-{w['index']}"}, w["cpu_percent"]) for w in workers]
+             + [({"process": "supervisor"}, doc["supervisor"]["cpu_percent"])])
+    rate = doc["rate"]
+    o.family("alertd_rate_limit", "gauge", "Configured requests per second; 0 = unlimited.",
+             [({}, rate["limit"])])
+    o.family("alertd_rate_paused_seconds", "gauge",
+             "Seconds until sending resumes after a 429 Retry-After; 0 = not paused.",
+             [({}, rate["paused_for"])])
+    br = doc["breaker"]
+    o.family("alertd_breaker_state", "gauge",
+             "Circuit breaker shared by the workers: 0 closed, 1 open, 2 half-open.",
+             [({}, BREAKER.get(br["state"], -1))])
+    if "opens" in br:
+        o.family("alertd_breaker_opens_total", "counter", "Times the circuit breaker opened.",
+                 [({}, br["opens"])])
+    rl = doc["reload"]
+    o.family("alertd_reloads_total", "counter", "Config reloads (SIGHUP) by result.",
+             [({"result": "success"}, rl["succeeded"]), ({"result": "failure"}, rl["failed"])])
+    o.family("alertd_last_reload_success", "gauge",
+             "1 if the last reload applied, 0 if it failed; NaN before any reload.",
+             [({}, None if rl["ok"] is None else int(rl["ok"]))])
+    jobs = doc["jobs"]
+    o.family("alertd_jobs_active", "gauge", "Jobs claimed and not final.", [({}, len(jobs))])
+    o.family("alertd_job_progress_ratio", "gauge", "Share of an active job's bytes done.",
+             [({"job": j["job"]}, j["progress"]) for j in jobs])
+    o.family("alertd_draining", "gauge", "1 while stopping.", [({}, int(doc["draining"]))])
+    o.family("alertd_start_time_seconds", "gauge", "Unix time the daemon started.",
+             [({}, float(doc["started_at"]))])
+    return "\n".join(o.lines) + "\n"

@@ -1,0 +1,199 @@
+"""The status API of a real `alertd run`: /v1/status against docs/openapi.yaml, /metrics
+through prometheus_client's parser, bearer auth on TCP, and no secret anywhere."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.gen_csv import generate
+from tests.helpers import start_mock, stop_process
+from tests.procs import ROOT, SECRET, Alertd, poll, write_config
+
+TOKEN = "tok-7f3a9c1e5b2d4068a1b3c5d7e9f01234"
+HEADER_SECRET = "Bearer hdr-secret-5e8d1c7b9a2f4e6d"
+OPENAPI = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str, token: str | None = None) -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type", ""), r.read().decode()
+    finally:
+        conn.close()
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """docs/openapi.yaml's schema `name` as plain JSON Schema.
+
+    OpenAPI 3.0 schema objects are JSON Schema plus `nullable`; that is the only
+    3.0-only keyword the file uses, so translating it is all a standard
+    validator needs (asserted below, so a new keyword cannot slip past)."""
+    def conv(node: Any) -> Any:
+        if isinstance(node, list):
+            return [conv(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        assert not {"discriminator", "xml", "externalDocs", "example"} & node.keys()
+        out = {k: conv(v) for k, v in node.items() if k not in ("nullable", "description")}
+        if node.get("nullable"):
+            out["type"] = [node["type"], "null"]
+            if "enum" in out:
+                out["enum"] = [*out["enum"], None]
+        if "$ref" in out:
+            out["$ref"] = out["$ref"].replace("#/components/schemas/", "#/$defs/")
+        return out
+    defs = {k: conv(v) for k, v in OPENAPI["components"]["schemas"].items()}
+    return {"$ref": f"#/$defs/{name}", "$defs": defs}
+
+
+def validate(doc: Any, name: str) -> None:
+    jsonschema.Draft202012Validator(
+        json_schema(name), format_checker=jsonschema.FormatChecker()).validate(doc)
+
+
+@pytest.fixture
+def running(tmp_path):
+    """alertd on a TCP status listener with a token, a signing secret and a secret header,
+    in the middle of a rate-limited job."""
+    mock, mport = start_mock("--secret", SECRET)
+    sport = free_port()
+    cfg = write_config(tmp_path / "alertd.toml", mport, rate={"limit": 4000},
+                       webhook={"secrets": [SECRET]},
+                       status={"listen": f"127.0.0.1:{sport}", "token": TOKEN},
+                       **{"webhook.headers": {"Authorization": HEADER_SECRET}})
+    a = Alertd(cfg)
+    try:
+        a.start()
+        yield a, sport, mport
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.stop()
+        stop_process(mock)
+
+
+def test_status_metrics_health_and_auth(running):
+    a, port, _ = running
+    generate(str(a.cfg.paths.inbox_dir / "s.csv"), 30_000, seed=4)
+
+    def acked() -> dict | None:
+        st = a.status()
+        return st if st["jobs"] and st["jobs"][0]["bytes_done"] > 0 else None
+    poll(acked, 30, "a chunk of the job to be acknowledged")
+    code, ctype, body = get(port, "/v1/status", TOKEN)
+    assert code == 200 and ctype.startswith("application/json")
+    st = json.loads(body)
+    validate(st, "Status")
+    [job] = st["jobs"]
+    assert job["file"] == "s.csv" and 0 < job["progress"] < 1
+    assert job["rows_estimate"] is not None and abs(job["rows_estimate"] - 30_000) < 3_000
+    assert job["eta_s"] is None or job["eta_s"] >= 0
+    assert all(w["rss_bytes"] > 10_000_000 for w in st["workers"])
+    assert st["rate"]["limit"] == 4000 and st["breaker"]["state"] == "closed"
+
+    # Prometheus: parses with the reference parser; the numbers agree with the status.
+    code, ctype, body = get(port, "/metrics", TOKEN)
+    assert code == 200 and ctype.startswith("text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(body)}
+    for name, kind in [("alertd_rows", "counter"), ("alertd_requests_sent", "counter"),
+                       ("alertd_in_flight_requests", "gauge"), ("alertd_pending_rows", "gauge"),
+                       ("alertd_rate_limit", "gauge"), ("alertd_workers", "gauge"),
+                       ("alertd_breaker_state", "gauge"), ("alertd_reloads", "counter")]:
+        assert fams[name].type == kind, name
+    val = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in fams.values() for s in f.samples}
+    assert val[("alertd_rate_limit", ())] == 4000
+    assert val[("alertd_workers", ())] == 2
+    assert val[("alertd_breaker_state", ())] == 0
+    assert val[("alertd_requests_sent_total", ())] > 0
+    assert val[("alertd_reloads_total", (("result", "failure"),))] == 0
+
+    # TCP without (or with a wrong) token: refused; /healthz stays open.
+    for path in ("/v1/status", "/metrics"):
+        for tok in (None, "wrong", TOKEN + "x"):
+            code, _, body = get(port, path, tok)
+            assert code == 401 and json.loads(body) == {"error": "unauthorized"}, (path, tok)
+    code, _, body = get(port, "/healthz")
+    assert code == 200
+    validate(json.loads(body), "Health")
+    assert json.loads(body)["ok"] is True
+
+    # The job completes; its summary shows in `finished`, and the counters add up.
+    [s] = a.wait_summaries(1, timeout=60)
+    st = poll(lambda: (d := a.status())["finished"] and d, 10, "finished in status")
+    validate(st, "Status")
+    assert st["totals"]["delivered"] == 30_000 == s["delivered"]
+    fams = {f.name: f for f in text_string_to_metric_families(get(port, "/metrics", TOKEN)[2])}
+    delivered = [x for x in fams["alertd_rows"].samples if x.labels == {"outcome": "delivered"}]
+    assert delivered[0].value == 30_000
+
+    # No secret in the status document, the metrics or the log.
+    everything = json.dumps(st) + get(port, "/metrics", TOKEN)[2]
+    a.stop()
+    everything += a.log()
+    for secret in (SECRET, SECRET[6:], TOKEN, HEADER_SECRET, HEADER_SECRET.split()[1]):
+        assert secret not in everything
+
+
+def test_secrets_never_in_config_errors(tmp_path):
+    """A config that fails to load names the key, never the value of a secret."""
+    bad_secret = "whsec_!!not-base64-" + TOKEN
+    cases = {
+        "secret": ('[webhook]\nurl = "http://127.0.0.1:1/"\nsecrets = ["%s"]\n' % bad_secret,
+                   "[webhook] secrets", bad_secret),
+        "short secret": ('[webhook]\nurl = "http://127.0.0.1:1/"\nsecrets = ["whsec_c2hvcnQ="]\n',
+                         "16 bytes", "c2hvcnQ="),
+        "header": ('[webhook]\nurl = "http://127.0.0.1:1/"\n[webhook.headers]\n'
+                   '"Authorization" = "Bearer %s\\n"\n' % TOKEN, "headers.Authorization", TOKEN),
+        "token but bad listen": ('[webhook]\nurl = "http://127.0.0.1:1/"\n[status]\n'
+                                 'listen = "10.0.0.1:80"\ntoken = "%s"\n' % TOKEN,
+                                 "[status] listen", TOKEN),
+        "toml": ('[webhook]\nurl = "http://127.0.0.1:1/"\nsecrets = ["%s" oops\n' % SECRET,
+                 "invalid TOML", SECRET),
+    }
+    for what, (text, names, secret) in cases.items():
+        cfg = tmp_path / f"{what.replace(' ', '_')}.toml"
+        cfg.write_text(text)
+        p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2, (what, p.stderr)
+        assert names in p.stderr, (what, p.stderr)
+        assert secret not in p.stderr + p.stdout, what
+
+
+def test_secrets_file_readable_by_others_is_refused(tmp_path):
+    sf = tmp_path / "secrets"
+    sf.write_text(SECRET + "\n")
+    sf.chmod(0o644)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[webhook]\nurl = "http://127.0.0.1:1/"\nsecrets_file = "{sf}"\n')
+    p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "readable by others" in p.stderr
+    assert SECRET not in p.stderr
+
+
+def test_openapi_file_is_consistent() -> None:
+    """Every $ref resolves and each documented path is one the server routes."""
+    assert OPENAPI["openapi"].startswith("3.0")
+    assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz"}
+    for name in OPENAPI["components"]["schemas"]:
+        jsonschema.Draft202012Validator.check_schema(json_schema(name))
+    assert Path(ROOT / "daemon" / "status.py").read_text().count("add_get(") == 3
