@@ -72,6 +72,14 @@ class TokenBudget:
             return MAX_BATCH
         return max(1, min(MAX_BATCH, math.ceil(rate * BATCH_SECONDS)))
 
+    def try_take(self) -> bool:
+        """A token without waiting, if one is parked here or the rate is unlimited."""
+        if self._local > 0:
+            self._local -= 1
+            return True
+        st = self._shared.state
+        return st.rate <= 0.0 and st.pause_until <= time.monotonic()
+
     async def acquire(self) -> None:
         if self._local > 0:
             self._local -= 1

@@ -104,6 +104,8 @@ class Worker:
         self._ok = 0  # successes not yet reported to the breaker
         self._sent_first = 0  # sends of first attempts / of retries, for the retry budget
         self._sent_retry = 0
+        self._n_sent = 0  # requests sent, rows delivered: copied to the shm slot by _heartbeat
+        self._n_delivered = 0
 
     def _apply(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -132,6 +134,7 @@ class Worker:
         if self._acks:
             await asyncio.gather(*self._acks, return_exceptions=True)
         beat.cancel()
+        self.slot.sent, self.slot.delivered = self._n_sent, self._n_delivered
         await self.wal.close()
         await wal_task
         self.side.close()
@@ -190,8 +193,12 @@ class Worker:
             if ticks % 10 == 0:  # the retry budget looks at roughly the last second or two
                 self._sent_first //= 2
                 self._sent_retry //= 2
-            self.slot.heartbeat = time.monotonic()
-            self.slot.pending = self._pending
+            slot = self.slot
+            slot.heartbeat = time.monotonic()
+            slot.pending = self._pending
+            slot.sent = self._n_sent
+            slot.delivered = self._n_delivered
+            slot.in_flight = self.pool.in_flight
             self.slot.wal_error = 1 if self.wal.error else 0
             self._flush_results()
             await asyncio.sleep(0.1)
@@ -319,7 +326,8 @@ class Worker:
         if gate is Gate.HOLD:
             self._hold(a)
             return
-        await self.budget.acquire()
+        if not self.budget.try_take():
+            await self.budget.acquire()
         if a.attempts:
             self._sent_retry += 1
         else:
@@ -328,9 +336,8 @@ class Worker:
         chunk = a.cs.chunk
         hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name, a.off,
                                         time.time())
-        slot = self.slot
-        slot.sent += 1
-        slot.in_flight += 1
+        # Plain ints here; the heartbeat copies them to shared memory (ctypes is slower).
+        self._n_sent += 1
         try:
             r = await self.pool.post(hdr, body)
         except TransportError as e:
@@ -338,11 +345,9 @@ class Worker:
                 a.dup = True  # outcome unknown: it may have arrived; same id on the retry
             self._failed(a, gate, 0, f"{e.kind}: {e}")
             return
-        finally:
-            slot.in_flight -= 1
         status = r.status
         if 200 <= status < 300:
-            slot.delivered += 1
+            self._n_delivered += 1
             self._ok += 1
             if gate is Gate.PROBE or self._ok >= RESULT_BATCH:
                 self._flush_results()
