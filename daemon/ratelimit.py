@@ -89,9 +89,14 @@ class TokenBudget:
         if st.rate <= 0.0 and st.pause_until <= time.monotonic():
             return
         while True:
+            # Another lane may have parked tokens while this one slept: use them first,
+            # and never overwrite parked tokens (that would lose them, and the rate).
+            if self._local > 0:
+                self._local -= 1
+                return
             granted, wait = take(self._shared, self._batch())
             if granted:
-                self._local = granted - 1
+                self._local += granted - 1
                 return
             await asyncio.sleep(min(wait, 1.0))
 
