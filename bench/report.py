@@ -1,0 +1,165 @@
+"""The printed result: markdown tables (paste-ready for the README) and the targets.
+
+Reads only the results dict that run.py also writes as JSON; never measures.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# Issue 3's targets; checked here so every run says where it stands.
+TARGET_WRK_RATIO = 0.5
+TARGET_BASELINE_RATIO = 6.0
+TARGET_CPU_US = 12.0
+TARGET_RSS_MB = 250.0
+TARGET_FIRST_MS = 100.0
+TARGET_RATE_TOLERANCE = 0.01
+
+
+def _n(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def throughput_table(r: dict[str, Any]) -> list[str]:
+    wrk = r.get("wrk", {}).get("requests_per_s")
+    base = r.get("baseline", {}).get("deliveries_per_s")
+    out = [_row(["run", "deliveries/s", "× wrk", "× baseline", "CPU µs/delivery",
+                 "peak RSS MB", "rows", "seconds"]),
+           _row(["---"] + ["---:"] * 7)]
+    if wrk is not None:
+        w = r["wrk"]
+        out.append(_row([f"wrk → nginx (ceiling, {w['threads']} threads, {w['connections']} conns)",
+                         f"{_n(wrk)} req/s", "1.00", _n(_ratio(wrk, base), 1), "–", "–", "–",
+                         _n(w["seconds"], 0)]))
+    if base is not None:
+        b = r["baseline"]
+        out.append(_row(["naive baseline (aiohttp, 64 in flight)", _n(base),
+                         _n(_ratio(base, wrk), 2), "1.0", _n(b.get("cpu_us_per_delivery"), 1),
+                         _n(b.get("peak_rss_mb"), 0), _n(b["rows"]), _n(b["seconds"], 1)]))
+    for a in r.get("alertd", []):
+        name = f"alertd, {a['workers']} worker{'s' if a['workers'] > 1 else ''}"
+        if not a.get("complete", True):
+            name += " (incomplete: timed out)"
+        rows = a.get("summary", {}).get("delivered", a.get("delivered"))
+        out.append(_row([name, _n(a["deliveries_per_s"]), _n(_ratio(a["deliveries_per_s"], wrk), 2),
+                         _n(_ratio(a["deliveries_per_s"], base), 1),
+                         _n(a.get("cpu_us_per_delivery"), 1), _n(a.get("peak_rss_mb"), 0),
+                         _n(rows), _n(a.get("duration_s"), 1)]))
+    return out
+
+
+def cpu_table(r: dict[str, Any]) -> list[str]:
+    """µs of CPU per delivery by process role and user/kernel: where the time goes."""
+    runs = [a for a in r.get("alertd", []) if a.get("cpu_split_s")]
+    if not runs:
+        return []
+    keys = ["workers_user", "workers_sys", "supervisor_user", "supervisor_sys"]
+    out = [_row(["CPU µs/delivery", *[k.replace("_", " ") for k in keys], "total"]),
+           _row(["---"] + ["---:"] * (len(keys) + 1))]
+    for a in runs:
+        n = a.get("summary", {}).get("delivered", a.get("delivered")) or 1
+        cells = [a["cpu_split_s"][k] / n * 1e6 for k in keys]
+        out.append(_row([f"alertd, {a['workers']} worker{'s' if a['workers'] > 1 else ''}",
+                         *[_n(c, 1) for c in cells], _n(sum(cells), 1)]))
+    return out
+
+
+def first_request_table(r: dict[str, Any]) -> list[str]:
+    runs = r.get("first_request", [])
+    if not runs:
+        return []
+    out = [_row(["file", "first request ms", "peak RSS MB", "deliveries in run", "seconds"]),
+           _row(["---", "---:", "---:", "---:", "---:"])]
+    for f in runs:
+        out.append(_row([f"{f['file_bytes'] / 1e6:,.0f} MB", _n(f["first_request_ms"], 1),
+                         _n(f["peak_rss_mb"], 0), _n(f["delivered"]), _n(f["seconds"], 1)]))
+    return out
+
+
+def rate_table(r: dict[str, Any]) -> list[str]:
+    q = r.get("rate")
+    if not q:
+        return []
+    return [_row(["configured/s", "achieved/s", "achieved/configured", "window s", "429s"]),
+            _row(["---:"] * 5),
+            _row([_n(q["configured"]), _n(q["achieved_per_s"], 1), f"{q['ratio']:.4f}",
+                  _n(q["window_s"], 1), _n(q["http_429"])])]
+
+
+def micro_table(r: dict[str, Any]) -> list[str]:
+    ms = r.get("micro", [])
+    if not ms:
+        return []
+    out = [_row(["micro-benchmark", "mean µs", "median µs", "µs per row"]),
+           _row(["---", "---:", "---:", "---:"])]
+    for m in ms:
+        per = m["mean_us"] / m["rows_per_call"] if m.get("rows_per_call") else None
+        out.append(_row([m["name"], _n(m["mean_us"], 2), _n(m["median_us"], 2), _n(per, 3)]))
+    return out
+
+
+def targets(r: dict[str, Any]) -> list[str]:
+    """One line per target of issue 3: met or not, with the figure."""
+    wrk = r.get("wrk", {}).get("requests_per_s")
+    base = r.get("baseline", {}).get("deliveries_per_s")
+    two = next((a for a in r.get("alertd", []) if a["workers"] == 2), None)
+    lines = []
+
+    def mark(ok: bool | None) -> str:
+        return "n/a " if ok is None else ("met " if ok else "MISS")
+
+    if two:
+        d = two["deliveries_per_s"]
+        rw, rb = _ratio(d, wrk), _ratio(d, base)
+        lines.append(f"{mark(rw is not None and rw >= TARGET_WRK_RATIO)} 2 workers ≥ 0.5 × wrk: "
+                     f"{_n(rw, 2)} × wrk")
+        lines.append(f"{mark(rb is not None and rb >= TARGET_BASELINE_RATIO)} 2 workers ≥ 6 × "
+                     f"baseline: {_n(rb, 1)} ×")
+    cpus = [a["cpu_us_per_delivery"] for a in r.get("alertd", []) if "cpu_us_per_delivery" in a]
+    if cpus:
+        lines.append(f"{mark(max(cpus) <= TARGET_CPU_US)} CPU ≤ 12 µs/delivery: "
+                     + ", ".join(_n(c, 1) for c in cpus))
+    firsts = r.get("first_request", [])
+    if firsts:
+        big = max(firsts, key=lambda f: f["file_bytes"])
+        small = min(firsts, key=lambda f: f["file_bytes"])
+        rss_ok = big["peak_rss_mb"] <= TARGET_RSS_MB
+        lines.append(f"{mark(rss_ok)} peak RSS ≤ 250 MB ({big['file_bytes'] / 1e6:,.0f} MB file): "
+                     f"{_n(big['peak_rss_mb'])} MB vs {_n(small['peak_rss_mb'])} MB for "
+                     f"{small['file_bytes'] / 1e6:,.0f} MB")
+        ms = big["first_request_ms"]
+        lines.append(f"{mark(None if ms is None else ms <= TARGET_FIRST_MS)} first request ≤ "
+                     f"100 ms: {_n(ms, 1)} ms")
+    q = r.get("rate")
+    if q:
+        ok = abs(q["ratio"] - 1) <= TARGET_RATE_TOLERANCE and q["http_429"] == 0
+        lines.append(f"{mark(ok)} rate within ±1 %, zero 429s: {q['ratio']:.4f}, "
+                     f"{q['http_429']} × 429")
+    return lines
+
+
+def render(r: dict[str, Any]) -> str:
+    host = r.get("host", {})
+    parts = [f"### alertd benchmark, {r.get('started_at', '')}"
+             + (" (--quick)" if r.get("quick") else ""), "",
+             f"{host.get('cpus')} CPUs, {host.get('python')}, {host.get('nginx')}, "
+             f"load average {host.get('load_before')} before, {host.get('load_after')} after", ""]
+    for table in (throughput_table(r), cpu_table(r), first_request_table(r), rate_table(r), micro_table(r)):
+        if table:
+            parts += table + [""]
+    t = targets(r)
+    if t:
+        parts += ["Targets (issue 3):", ""] + [f"- {x}" for x in t] + [""]
+    timings = r.get("timings", {})
+    if timings:
+        parts.append("Time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return "\n".join(parts)

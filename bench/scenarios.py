@@ -1,0 +1,162 @@
+"""The measured runs: alertd end to end, first request latency, rate precision, baseline.
+
+Each function starts what it needs, returns a dict of figures, and stops every
+process it started, on error too. Every wait has a deadline.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import measure
+from .alertd_proc import ROOT, Alertd, write_config
+from .sink import SAMPLE_SECRET, Nginx, wait_listening
+
+
+def _iso(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def throughput(nginx: Nginx, workdir: Path, csv: Path, rows: int, workers: int,
+               timeout: float) -> dict[str, Any]:
+    """Drop `csv` into a fresh alertd; deliveries/s, CPU/delivery, peak RSS, a rate series."""
+    cfg = write_config(workdir / f"alertd-w{workers}", nginx.url, SAMPLE_SECRET,
+                       workers={"count": workers})
+    with Alertd(cfg) as d:
+        sampler = measure.Sampler(d.pid, progress=d.delivered).start()
+        try:
+            cpu0, split0 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
+            t_drop = d.drop(csv, "bench.csv")
+            since = time.monotonic() - sampler.t0  # the plot's x axis starts at the drop
+            summary = d.wait_summary(timeout)
+            t_end = time.time()
+            cpu1, split1 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
+            delivered_now = d.delivered()
+        finally:
+            sampler.stop()
+    out: dict[str, Any] = {"workers": workers, "rows": rows, "complete": summary is not None,
+                           "peak_rss_mb": measure.peak_rss_mb(sampler),
+                           "series": [(round(t - since, 3), v) for t, v in sampler.rates()],
+                           "wall_s": round(t_end - t_drop, 3)}
+    if summary is not None:
+        dur = _iso(summary["finished_at"]) - _iso(summary["started_at"])
+        n = summary["delivered"]
+        out.update(summary={k: v for k, v in summary.items()}, duration_s=round(dur, 3),
+                   deliveries_per_s=round(n / dur, 1),
+                   cpu_us_per_delivery=round((cpu1 - cpu0) / max(n, 1) * 1e6, 2))
+    else:
+        # Out of time: rate and CPU over what was delivered so far, flagged incomplete.
+        dur = t_end - t_drop
+        out.update(delivered=delivered_now, duration_s=round(dur, 3),
+                   deliveries_per_s=round(delivered_now / dur, 1),
+                   cpu_us_per_delivery=round((cpu1 - cpu0) / max(delivered_now, 1) * 1e6, 2))
+    out["cpu_s"] = round(cpu1 - cpu0, 3)
+    # Where the CPU goes: the supervisor (planning, acks, status API) vs the workers.
+    out["cpu_split_s"] = {k: round(split1[k] - split0[k], 3) for k in split1}
+    return out
+
+
+def first_request(nginx: Nginx, workdir: Path, csv: Path, label: str,
+                  seconds: float) -> dict[str, Any]:
+    """Rename `csv` into a running alertd's inbox; ms to the first request at the sink,
+    then peak RSS over `seconds` of delivery (the file need not finish)."""
+    cfg = write_config(workdir / f"alertd-first-{label}", nginx.log_url, SAMPLE_SECRET,
+                       workers={"count": 2})
+    with Alertd(cfg) as d:
+        nginx.truncate_log()
+        sampler = measure.Sampler(d.pid, progress=d.delivered).start()
+        try:
+            t_drop = d.drop(csv, f"{label}.csv")
+            first = None
+            deadline = time.monotonic() + min(seconds, 30)
+            while first is None and time.monotonic() < deadline:
+                first = nginx.first_request_at()
+                time.sleep(0.005)
+            end = time.monotonic() + max(0.0, seconds - (time.time() - t_drop))
+            while time.monotonic() < end:
+                time.sleep(0.1)
+            delivered = d.delivered()
+            elapsed = time.time() - t_drop
+        finally:
+            sampler.stop()
+    return {"label": label, "file_bytes": csv.stat().st_size,
+            "first_request_ms": None if first is None else round((first - t_drop) * 1000, 1),
+            "peak_rss_mb": measure.peak_rss_mb(sampler), "seconds": round(elapsed, 2),
+            "delivered": delivered, "deliveries_per_s": round(delivered / elapsed, 1),
+            "note": "sink writes an access log in this run"}
+
+
+def _mock_stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.load(r)
+
+
+def rate_precision(workdir: Path, csv: Path, rate: int, seconds: float,
+                   warmup: float = 2.0) -> dict[str, Any]:
+    """alertd at rate.limit=`rate`, 2 workers, against the mock enforcing the same rate."""
+    from .sink import free_port
+
+    port = free_port()
+    log = open(workdir / "mock.log", "wb")
+    mock = subprocess.Popen([sys.executable, "-m", "mock_webhook", "--port", str(port),
+                             "--mode", "ratelimit", "--rate", str(rate)],
+                            cwd=ROOT, stdout=log, stderr=log)
+    try:
+        wait_listening(port, 15, mock)
+        cfg = write_config(workdir / "alertd-rate", f"http://127.0.0.1:{port}/hook",
+                           SAMPLE_SECRET, workers={"count": 2}, rate={"limit": rate})
+        with Alertd(cfg) as d:
+            d.drop(csv, "rate.csv")
+            # Skip the start (claim, spawn of the first chunk): measure the steady state.
+            deadline = time.monotonic() + 30
+            while _mock_stats(port)["received"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(warmup)
+            s0, t0 = _mock_stats(port), time.monotonic()
+            series = []  # (s, received) every 0.5 s: shows stalls a window average hides
+            while time.monotonic() - t0 < seconds:
+                time.sleep(min(0.5, max(0.0, seconds - (time.monotonic() - t0))))
+                series.append((round(time.monotonic() - t0, 3), _mock_stats(port)["received"]))
+            s1, t1 = _mock_stats(port), time.monotonic()
+        got = s1["received"] - s0["received"]
+        ok = s1["by_status"].get("200", 0) - s0["by_status"].get("200", 0)
+        achieved = got / (t1 - t0)
+        return {"configured": rate, "window_s": round(t1 - t0, 3), "requests": got,
+                "achieved_per_s": round(achieved, 1), "ratio": round(achieved / rate, 4),
+                "ok_per_s": round(ok / (t1 - t0), 1),
+                "http_429": s1["by_status"].get("429", 0), "by_status": s1["by_status"],
+                "series": [(t, n - s0["received"]) for t, n in series]}
+    finally:
+        mock.terminate()
+        try:
+            mock.wait(10)
+        except subprocess.TimeoutExpired:
+            mock.kill()
+            mock.wait()
+        log.close()
+
+
+def baseline(nginx: Nginx, csv: Path, max_seconds: float) -> dict[str, Any]:
+    """bench/baseline.py in its own process against the same sink."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.baseline", "--url", nginx.url,
+                             "--csv", str(csv), "--secret", SAMPLE_SECRET, "--concurrency", "64",
+                             "--max-seconds", str(max_seconds)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = measure.Sampler(proc.pid).start()
+    try:
+        stdout, stderr = proc.communicate(timeout=max_seconds + 60)
+    finally:
+        sampler.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline failed ({proc.returncode}): {stderr[-2000:]}")
+    return {**json.loads(stdout.strip().splitlines()[-1]),
+            "peak_rss_mb": measure.peak_rss_mb(sampler)}
