@@ -155,7 +155,7 @@ class _Conn(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self.timer, self.timer_at = self.loop.call_at(deadline, self._on_timer), deadline
-        self.transport.write(data)
+        self.pool._queue_write(self, data)
         return fut
 
     def _on_timer(self) -> None:
@@ -203,6 +203,7 @@ class Pool:
         self._open = 0  # connections open or being opened; above _size only after a shrink
         self._opened = self._in_flight = 0
         self._closed = False
+        self._writes: list[tuple[_Conn, bytes]] = []  # requests to write at the loop's turn
         self._endpoint: _Endpoint | None = None
         self.reconfigure(url, size=size, timeout=timeout, headers=headers)
 
@@ -317,6 +318,26 @@ class Pool:
             conn.drop()
             raise TransportError("closed", False, f"{host}:{port} closed at once")
         return conn
+
+    def _queue_write(self, conn: _Conn, data: bytes) -> None:
+        # Writes wait for the end of this loop iteration and then go out back to back:
+        # the receiver is woken once per batch instead of once per request. Each
+        # wake-up of an idle peer costs a cross-CPU interrupt, which dominated the
+        # per-request cost on loopback (about 20 us of a ~55 us delivery).
+        if not self._writes:
+            self._loop.call_soon(self._flush_writes)
+        self._writes.append((conn, data))
+
+    def _flush_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for conn, data in writes:
+            if conn.fut is None:
+                continue  # failed or cancelled meanwhile
+            if conn.lost or conn.transport.is_closing():
+                conn.fail(TransportError("closed", False, "connection lost before the "
+                                                          "request was written"))
+            else:
+                conn.transport.write(data)
 
     # Bookkeeping called by connections. A slot is held from _acquire until _forget.
     def _adopt(self, conn: _Conn) -> None:
