@@ -1,4 +1,4 @@
-"""Reading a spool file: the header, line-aligned spans over an mmap, and the rows of a span.
+"""Reading a spool file: the header, line-aligned spans (pread), and the rows of a span.
 
 Owns the byte-level truth of a row (its exact file offset and its bytes) and the rule for
 what a bad row is. Must never scan a whole file up front, hold more than one span's bytes,
@@ -138,23 +138,6 @@ def read_span(fd: int, start: int, end: int) -> bytes:
         raise OSError(errno.EINVAL, f"file ends at {start + len(data)}, before the planned "
                                     f"span [{start}, {end}) (truncated while in use?)")
     return data
-
-
-def map_span(path: str, start: int, end: int) -> tuple[mmap.mmap, int]:
-    """mmap [start, end) of `path` read-only; returns (map, base), file offset = base + index."""
-    if end <= start:
-        raise ValueError(f"empty span [{start}, {end})")
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size < end:
-            # Mapping past EOF would SIGBUS on access: fail the chunk with a reason instead.
-            raise OSError(errno.EINVAL, f"file is {size} bytes, shorter than the planned "
-                                        f"span [{start}, {end}) (truncated?)", path)
-        return mmap.mmap(fd, end - base, access=mmap.ACCESS_READ, offset=base), base
-    finally:
-        os.close(fd)
 
 
 def rows(buf: Buffer, base: int, start: int, end: int) -> Iterator[tuple[int, bytes]]:

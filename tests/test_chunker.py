@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import pytest
 
 from daemon import chunker
-from daemon.chunker import BOM, BadRow, layout_for, map_span, parse, plan, read_header, rows
+from daemon.chunker import (BOM, BadRow, FileView, layout_for, parse, plan, read_header,
+                            read_span, rows)
 from daemon.config import CsvConfig
 from daemon.errors import InputError
 from daemon.protocol import CsvLayout
@@ -65,15 +67,15 @@ def test_spans_and_rows_cover_every_row_once(tmp_path: Path, name: str, chunk_by
         pos = e
     assert pos == max(start, len(data)) or (not spans and start >= len(data))
     got_bytes = [r for s, e in spans for r in rows(data, 0, s, e)]
-    got_mmap = []
-    for s, e in spans:
-        mm, base = map_span(str(path), s, e)
-        try:
-            got_mmap += list(rows(mm, base, s, e))
-        finally:
-            mm.close()
+    got_pread = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for s, e in plan(FileView(fd, len(data)), start, chunk_bytes):
+            got_pread += list(rows(read_span(fd, s, e), s, s, e))
+    finally:
+        os.close(fd)
     assert got_bytes == expected
-    assert got_mmap == expected
+    assert got_pread == expected
     for off, line in got_bytes:  # offsets are the file offsets of each line's first byte
         assert data[off:off + len(line)] == line
 
@@ -95,26 +97,36 @@ def test_read_header() -> None:
     assert read_header(b"u1\n", False) == (None, 0)
 
 
-def test_map_span_unaligned(tmp_path: Path) -> None:
-    data = bytes(range(256)) * 1000  # 256,000 bytes, several allocation granules
+def test_read_span_and_file_view(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 1000  # 256,000 bytes: several FileView blocks
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    g = mmap.ALLOCATIONGRANULARITY
-    for start, end in [(0, 10), (1, 2), (g - 1, g + 1), (g, 2 * g), (g + 17, 3 * g + 5),
-                       (len(data) - 3, len(data))]:
-        mm, base = map_span(str(path), start, end)
-        try:
-            assert base % g == 0 and base <= start
-            assert mm[start - base:end - base] == data[start:end]
-        finally:
-            mm.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start, end in [(0, 10), (1, 2), (4095, 4097), (65_536 + 17, 3 * 65_536 + 5),
+                           (len(data) - 3, len(data))]:
+            assert read_span(fd, start, end) == data[start:end]
+        view = FileView(fd, len(data))
+        assert len(view) == len(data)
+        for pos in (0, 11, 65_535, 200_000):
+            assert view.find(b"\n", pos) == data.find(b"\n", pos)
+        assert view.find(b"\n", len(data)) == -1
+    finally:
+        os.close(fd)
 
 
-def test_map_span_truncated_file(tmp_path: Path) -> None:
+def test_a_truncated_file_gives_an_error_not_sigbus(tmp_path: Path) -> None:
     path = tmp_path / "f.csv"
-    path.write_bytes(b"abc\n")
-    with pytest.raises(OSError, match="truncated"):
-        map_span(str(path), 0, 100)
+    path.write_bytes(b"user_id\n" + b"u1\n" * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = FileView(fd, os.fstat(fd).st_size)
+        os.truncate(path, 100)
+        assert view.find(b"\n", 200) == -1  # the planner sees EOF, it does not crash
+        with pytest.raises(OSError, match="truncated"):
+            read_span(fd, 0, 200)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------ layout
