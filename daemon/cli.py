@@ -6,16 +6,13 @@ modules it calls. Each subcommand takes --config.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fcntl
 import logging
 import os
 import sys
-import time
 import tomllib
 from pathlib import Path
 
-import orjson
 
 from . import __version__, commands, config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AlertdError, ConfigError

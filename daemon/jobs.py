@@ -24,7 +24,7 @@ from . import chunker
 from .config import CsvConfig
 from .errors import InputError
 from .protocol import Chunk, Counts, CsvLayout, Outcome
-from .wal import JobRecovery
+from .wal import JobRecovery, fsync_dir
 
 log = logging.getLogger("alertd.jobs")
 
@@ -48,14 +48,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
     os.rename(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def looks_binary(head: bytes) -> bool:

@@ -7,7 +7,6 @@ never removed (their writer owns them). Runs in a thread; never raises.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path

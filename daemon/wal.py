@@ -198,7 +198,8 @@ def _describe(e: OSError) -> str:
     return f"{name}: {e.strerror or e}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -254,7 +255,7 @@ class WalWriter:
             # the next record does not get glued onto it.
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def _good_length(self) -> int:
         if os.fstat(self._fd).st_size == 0:
@@ -383,4 +384,4 @@ class WalWriter:
         self._size = 0
         self._renamed = False
         os.close(old)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)

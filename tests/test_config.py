@@ -59,7 +59,7 @@ def test_secrets_file_must_not_be_readable_by_others(tmp_path):
     sf = tmp_path / "secrets"
     sf.write_text(f"# rotated weekly\n{SECRET}\n")
     os.chmod(sf, 0o644)
-    text = f'[webhook]\nurl = "http://x/"\nsecrets_file = "secrets"\n'
+    text = '[webhook]\nurl = "http://x/"\nsecrets_file = "secrets"\n'
     with pytest.raises(ConfigError, match="readable by others"):
         load(tmp_path, text)
     os.chmod(sf, 0o600)

@@ -8,39 +8,11 @@ import subprocess
 import sys
 from datetime import datetime
 
-import pytest
 from standardwebhooks.webhooks import Webhook
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats, start_mock, stop_process
-from tests.procs import SECRET, Alertd, poll, write_config
-
-
-@pytest.fixture
-def mock(request):
-    procs = []
-
-    def start(*args: str, record=None):
-        p, port = start_mock(*args, record=record)
-        procs.append(p)
-        return port
-    yield start
-    for p in procs:
-        stop_process(p)
-
-
-@pytest.fixture
-def alertd():
-    started = []
-
-    def make(cfg_path, start=True):
-        a = Alertd(cfg_path)
-        started.append(a)
-        return a.start() if start else a
-    yield make
-    for a in started:
-        if a.proc is not None and a.proc.poll() is None:
-            a.stop()
+from tests.helpers import get_stats
+from tests.procs import SECRET, poll, write_config
 
 
 def _secs(s: dict) -> float:

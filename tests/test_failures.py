@@ -4,36 +4,11 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 
 from bench.gen_csv import generate
 from mock_webhook.server import fails_by_hash
-from tests.helpers import get_stats, post_json, start_mock, stop_process
-from tests.procs import Alertd, poll, write_config
-
-
-@pytest.fixture
-def procs():
-    started: list = []
-    yield started
-    for p in reversed(started):
-        if isinstance(p, Alertd):
-            if p.proc is not None and p.proc.poll() is None:
-                p.stop()
-        else:
-            stop_process(p)
-
-
-def mock(procs, *args: str, port: int = 0) -> int:
-    p, got = start_mock(*args, *(["--port", str(port)] if port else []))
-    procs.append(p)
-    return got
-
-
-def alertd(procs, cfg) -> Alertd:
-    a = Alertd(cfg)
-    procs.append(a)
-    return a.start()
+from tests.helpers import get_stats, post_json
+from tests.procs import poll, write_config
 
 
 def rows_csv(n: int, prefix: str = "u") -> bytes:
@@ -49,9 +24,9 @@ def offsets_of(data: bytes) -> list[int]:
     return offs
 
 
-def test_failing_ids_are_dead_lettered_then_replayed_with_their_ids(tmp_path, procs):
-    port = mock(procs, "--mode", "fail", "--fail-ratio", "0.1")
-    a = alertd(procs, write_config(tmp_path / "a.toml", port,
+def test_failing_ids_are_dead_lettered_then_replayed_with_their_ids(tmp_path, mock, alertd):
+    port = mock("--mode", "fail", "--fail-ratio", "0.1")
+    a = alertd(write_config(tmp_path / "a.toml", port,
                                    retry={"max_attempts": 3, "base_delay": 0.01,
                                           "max_delay": 0.05}))
     data = rows_csv(5000)
@@ -77,9 +52,9 @@ def test_failing_ids_are_dead_lettered_then_replayed_with_their_ids(tmp_path, pr
     assert a.cli("verify", job).returncode == 0  # a replay is not a second final outcome
 
 
-def test_an_outage_opens_the_breaker_instead_of_filling_the_dlq(tmp_path, procs):
-    port = mock(procs, "--mode", "fail")  # every id gets 500: the endpoint is down
-    a = alertd(procs, write_config(tmp_path / "a.toml", port,
+def test_an_outage_opens_the_breaker_instead_of_filling_the_dlq(tmp_path, mock, alertd):
+    port = mock("--mode", "fail")  # every id gets 500: the endpoint is down
+    a = alertd(write_config(tmp_path / "a.toml", port,
                                    retry={"max_attempts": 3, "base_delay": 0.01}))
     a.drop("o.csv", rows_csv(3000))
     poll(lambda: a.status()["breaker"]["state"] == "open", 30, "the breaker to open")
@@ -98,9 +73,9 @@ def test_an_outage_opens_the_breaker_instead_of_filling_the_dlq(tmp_path, procs)
     assert a.status()["breaker"]["state"] == "closed"
 
 
-def test_an_outage_longer_than_max_age_dead_letters_and_completes(tmp_path, procs):
-    port = mock(procs, "--mode", "fail")
-    a = alertd(procs, write_config(tmp_path / "a.toml", port,
+def test_an_outage_longer_than_max_age_dead_letters_and_completes(tmp_path, mock, alertd):
+    port = mock("--mode", "fail")
+    a = alertd(write_config(tmp_path / "a.toml", port,
                                    retry={"max_attempts": 3, "base_delay": 0.01,
                                           "max_age": 3.0}))
     a.drop("o.csv", rows_csv(2000))
@@ -112,18 +87,18 @@ def test_an_outage_longer_than_max_age_dead_letters_and_completes(tmp_path, proc
     assert get_stats(port)["received"] < 600  # no request storm before giving up
 
 
-def test_endpoint_down_for_20_s_mid_job(tmp_path, procs):
-    port = mock(procs)
-    a = alertd(procs, write_config(tmp_path / "a.toml", port, rate={"limit": 2000},
+def test_endpoint_down_for_20_s_mid_job(tmp_path, mock, alertd):
+    port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", port, rate={"limit": 2000},
                                    retry={"max_attempts": 3, "base_delay": 0.05}))
     generate(str(a.cfg.paths.inbox_dir / "d.csv"), 40_000, seed=4)
     poll(lambda: a.delivered_now() > 5000, 60, "delivery to start")
-    stop_process(procs.pop(0))
+    mock.stop(port)
     sent = lambda: sum(w["sent"] for w in a.status()["workers"])  # noqa: E731
     start = sent()
     time.sleep(20)  # the outage itself
     attempts = sent() - start
-    mock(procs, port=port)
+    mock("--port", str(port))
     [s] = a.wait_summaries(1, timeout=120)
     assert (s["delivered"], s["dead"]) == (40_000, 0)
     # Requests in flight when it went down, their few retries, then ~2 probes/s.
@@ -131,9 +106,9 @@ def test_endpoint_down_for_20_s_mid_job(tmp_path, procs):
     assert a.cli("verify", s["job"]).returncode == 0
 
 
-def test_adaptive_rate_settles_below_the_receivers_limit(tmp_path, procs):
-    port = mock(procs, "--mode", "ratelimit", "--rate", "1000")
-    a = alertd(procs, write_config(tmp_path / "a.toml", port,
+def test_adaptive_rate_settles_below_the_receivers_limit(tmp_path, mock, alertd):
+    port = mock("--mode", "ratelimit", "--rate", "1000")
+    a = alertd(write_config(tmp_path / "a.toml", port,
                                    rate={"limit": 2000, "adaptive": True}))
     generate(str(a.cfg.paths.inbox_dir / "r.csv"), 15_000, seed=8)
     [s] = a.wait_summaries(1, timeout=90)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats, start_mock, stop_process
+from tests.helpers import get_stats
 from tests.procs import Alertd, poll, write_config
 
 DATA = Path(__file__).parent / "data"
@@ -36,25 +36,9 @@ CORPUS: dict[str, tuple[int, int, list[str]] | str] = {
 }
 
 
-@pytest.fixture
-def mock_port():
-    p, port = start_mock()
-    yield port
-    stop_process(p)
-
-
-@pytest.fixture
-def daemons():
-    started: list[Alertd] = []
-    yield started
-    for a in started:
-        if a.proc is not None and a.proc.poll() is None:
-            a.stop()
-
-
-def test_bad_input_corpus(tmp_path, mock_port, daemons):
-    a = Alertd(write_config(tmp_path / "a.toml", mock_port)).start()
-    daemons.append(a)
+def test_bad_input_corpus(tmp_path, mock, alertd):
+    mock_port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", mock_port))
     for name in CORPUS:
         a.drop(name, (DATA / name).read_bytes())
     ok = [n for n, v in CORPUS.items() if isinstance(v, tuple)]
@@ -83,8 +67,9 @@ def test_bad_input_corpus(tmp_path, mock_port, daemons):
     assert get_stats(mock_port)["unique"] == sum(CORPUS[n][0] for n in ok)
 
 
-def test_chaos_kill9_ten_times(tmp_path, mock_port, daemons):
+def test_chaos_kill9_ten_times(tmp_path, mock, alertd):
     rows = 100_000
+    mock_port = mock()
     cfg = write_config(tmp_path / "a.toml", mock_port, rate={"limit": 5000})
     rng = random.Random(1234)
     first = Alertd(cfg)
@@ -92,8 +77,7 @@ def test_chaos_kill9_ten_times(tmp_path, mock_port, daemons):
     generate(str(first.cfg.paths.inbox_dir / "chaos.csv"), rows, seed=21)
     kills = 0
     for _ in range(10):
-        a = Alertd(cfg).start()
-        daemons.append(a)
+        a = alertd(cfg)
         poll(lambda: a.delivered_now() > 0 or a.summaries(), 30, "delivery to resume")
         if a.summaries():
             break
@@ -101,8 +85,7 @@ def test_chaos_kill9_ten_times(tmp_path, mock_port, daemons):
         a.kill9()
         kills += 1
     assert kills == 10
-    last = Alertd(cfg).start()
-    daemons.append(last)
+    last = alertd(cfg)
     [s] = last.wait_summaries(1, timeout=180)
     assert (s["rows"], s["delivered"], s["dead"], s["rejected"]) == (rows, rows, 0, 0)
     r = last.cli("verify", s["job"])
@@ -124,7 +107,8 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
-def test_full_disk_on_the_wal_pauses_delivery_and_loses_nothing(tmp_path, mock_port, daemons):
+def test_full_disk_on_the_wal_pauses_delivery_and_loses_nothing(tmp_path, mock, alertd):
+    mock_port = mock()
     wal_dir = tmp_path / "state" / "wal"
     if not _mount_tmpfs(wal_dir, "1m"):
         pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
@@ -132,9 +116,8 @@ def test_full_disk_on_the_wal_pauses_delivery_and_loses_nothing(tmp_path, mock_p
         filler = wal_dir / "filler"
         with open(filler, "wb") as f:  # leave ~100 KiB: room for about a thousand records
             f.write(b"\0" * (1024 * 1024 - 100 * 1024))
-        a = Alertd(write_config(tmp_path / "a.toml", mock_port, rate={"limit": 4000},
-                                wal={"segment_bytes": 1 << 30})).start()
-        daemons.append(a)
+        a = alertd(write_config(tmp_path / "a.toml", mock_port, rate={"limit": 4000},
+                                wal={"segment_bytes": 1 << 30}))
         generate(str(a.cfg.paths.inbox_dir / "disk.csv"), 20_000, seed=5)
         poll(lambda: any(w["wal_error"] for w in a.status()["workers"]), 60,
              "the WAL to report the full disk")
@@ -154,11 +137,10 @@ def test_full_disk_on_the_wal_pauses_delivery_and_loses_nothing(tmp_path, mock_p
         subprocess.run(["umount", "-l", str(wal_dir)], capture_output=True)
 
 
-def test_a_file_truncated_while_delivered_fails_its_job_not_the_daemon(tmp_path, mock_port,
-                                                                      daemons):
-    a = Alertd(write_config(tmp_path / "a.toml", mock_port, rate={"limit": 2000},
-                            workers={"count": 2, "chunk_bytes": 4096})).start()
-    daemons.append(a)
+def test_a_file_truncated_while_delivered_fails_its_job_not_the_daemon(tmp_path, mock, alertd):
+    mock_port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", mock_port, rate={"limit": 2000},
+                            workers={"count": 2, "chunk_bytes": 4096}))
     generate(str(a.cfg.paths.inbox_dir / "t.csv"), 40_000, seed=6)
     poll(lambda: a.delivered_now() > 1000, 30, "delivery to start")
     [spooled] = [p for p in (a.state / "spool").iterdir() if p.name.endswith("--t.csv")]

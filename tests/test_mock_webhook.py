@@ -11,13 +11,10 @@ import http.client
 import json
 import os
 import signal
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
-import pytest
 from standardwebhooks.webhooks import Webhook
 
 from mock_webhook import Settings, make_app
@@ -25,21 +22,6 @@ from mock_webhook.server import fails_by_hash
 
 from .helpers import (get_stats, post_alert, post_alerts, post_json, start_mock,
                       stop_process, wait_until)
-
-
-@pytest.fixture
-def mock() -> Iterator[Callable[..., int]]:
-    """Start mocks on demand (`mock(*args)` -> port) and always stop them."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str, record: Path | None = None) -> int:
-        p, port = start_mock(*args, record=record)
-        procs.append(p)
-        return port
-
-    yield start
-    for p in procs:
-        stop_process(p)
 
 
 def new_secret() -> str:

@@ -5,38 +5,10 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats, start_mock, stop_process
+from tests.helpers import get_stats
 from tests.procs import Alertd, poll, write_config
-
-
-@pytest.fixture
-def mock():
-    procs = []
-
-    def start(*args: str) -> int:
-        p, port = start_mock(*args)
-        procs.append(p)
-        return port
-    yield start
-    for p in procs:
-        stop_process(p)
-
-
-@pytest.fixture
-def alertd():
-    started: list[Alertd] = []
-
-    def make(cfg_path) -> Alertd:
-        a = Alertd(cfg_path)
-        started.append(a)
-        return a.start()
-    yield make
-    for a in started:
-        if a.proc is not None and a.proc.poll() is None:
-            a.stop()
 
 
 def reloads(a: Alertd) -> int:
