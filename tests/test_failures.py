@@ -63,6 +63,7 @@ def test_an_outage_opens_the_breaker_instead_of_filling_the_dlq(tmp_path, mock, 
     time.sleep(3)  # measuring a rate over a fixed window, not synchronising
     during = get_stats(port)["received"] - before
     rate = during / (time.monotonic() - t0)
+    print(f"breaker open: {rate:.1f} requests/s")
     assert rate <= 5, f"{rate:.1f} requests/s while the breaker is open"
     dead_lines = sum(1 for _ in open(a.state / "dlq" / "j000001.jsonl")) \
         if (a.state / "dlq" / "j000001.jsonl").exists() else 0
@@ -102,6 +103,7 @@ def test_endpoint_down_for_20_s_mid_job(tmp_path, mock, alertd):
     [s] = a.wait_summaries(1, timeout=120)
     assert (s["delivered"], s["dead"]) == (40_000, 0)
     # Requests in flight when it went down, their few retries, then ~2 probes/s.
+    print(f"outage: {attempts} requests attempted during the 20 s outage")
     assert attempts <= 2 * 64 * 3 + 20 * 3, attempts
     assert a.cli("verify", s["job"]).returncode == 0
 
@@ -115,4 +117,6 @@ def test_adaptive_rate_settles_below_the_receivers_limit(tmp_path, mock, alertd)
     assert (s["delivered"], s["dead"]) == (15_000, 0)
     stats = get_stats(port)
     ratio = stats["by_status"].get("429", 0) / stats["received"]
+    print(f"adaptive: {stats['by_status'].get('429', 0)} × 429 of {stats['received']} "
+          f"requests ({100 * ratio:.2f}%) in {s['duration_s']} s")
     assert ratio < 0.02, stats
