@@ -124,14 +124,16 @@ class Supervisor:
             await asyncio.sleep(min(1.0, wd or 1.0))
             n += 1
             sent, now = sum(s.sent for s in self._slots()), time.monotonic()
-            self.shared.state.observed_rate = max(0, sent - last_sent) / max(1e-3, now - last_t)
+            rate = max(0, sent - last_sent) / max(1e-3, now - last_t)
+            self.shared.state.observed_rate = rate
             last_sent, last_t = sent, now
             if self.cfg.rate.adaptive:
                 ratelimit.recover_rate(self.shared, self.cfg.rate.limit,
                                        self.cfg.rate.effective_burst)
             pending = sum(s.pending for s in self._slots())
             extra = ["WATCHDOG=1"] if wd else []
-            systemd.notify(*extra, f"STATUS={len(self.jobs)} jobs, {pending} pending rows")
+            systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.jobs)} jobs, "
+                                   f"{pending} pending rows")
             if n % 10 == 0 and not self.draining:
                 self._rescan()  # inotify can overflow; a rescan costs one listdir
             if n % 60 == 0:
