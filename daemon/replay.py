@@ -22,9 +22,9 @@ from . import ratelimit, wal
 from .config import Config
 from .errors import AlertdError
 from .payload import Payloads
+from .policy import retryable
 from .shm import Shared
 from .transport import Pool, TransportError
-from .worker import retryable
 
 REPLAY_WAL = 999  # the WAL index of replays: wal/worker-999.wal
 

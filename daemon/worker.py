@@ -1,8 +1,8 @@
-"""A worker process: chunk -> rows -> tokens -> signed POST -> WAL -> ack.
+"""A worker process: chunk -> rows -> tokens -> signed POST -> outcome -> ack.
 
-Rows are read from the worker's own mmap of the spool file; only chunk
-descriptors and acks cross the pipe to the supervisor. A chunk is acked only
-once every row in it has a final outcome that is durable in this worker's WAL.
+Each worker reads its chunk's bytes from the spool file itself (pread); only
+chunk descriptors and acks cross the pipe to the supervisor. It decides when to
+send, retry, hold or give up; outcomes.py records what became of each row.
 """
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import os
 import random
 import time
 from collections import deque
-from email.utils import parsedate_to_datetime
 from multiprocessing.connection import Connection
 
-import orjson
 
 from . import chunker, ratelimit, wal
 from .breaker import REASON_GONE, Breaker, Gate
 from .config import Config
 from .payload import Payloads
-from .protocol import Chunk, ChunkAck, ChunkFailed, Counts, Drain, Outcome, Ready, Reload
+from .outcomes import ChunkState, Recorder
+from .policy import backoff, retry_after_seconds, retryable
+from .protocol import Chunk, ChunkFailed, Drain, Outcome, Ready, Reload
 from .ratelimit import TokenBudget
 from .shm import Shared
 from .sidelog import SideLog
@@ -30,44 +30,13 @@ from .transport import Pool, TransportError
 
 log = logging.getLogger("alertd.worker")
 
-MAX_LINE_IN_REJECT = 1024  # bytes of a bad line kept in rejects/<job>.jsonl
 RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock, not 64)
-
-
-def retryable(status: int) -> bool:
-    return status in (408, 425, 429) or status >= 500
-
-
-def retry_after_seconds(value: bytes | None) -> float | None:
-    """Retry-After as seconds or an HTTP date; None when absent or unreadable."""
-    if not value:
-        return None
-    text = value.decode("latin-1").strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        return max(0.0, parsedate_to_datetime(text).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-class _ChunkState:
-    __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "finished")
-
-    def __init__(self, chunk: Chunk) -> None:
-        self.chunk = chunk
-        self.counts = Counts()
-        self.counts.add(chunk.prior)
-        self.outstanding = 0  # rows read but not yet final
-        self.parsed = False  # every row of the span has been read
-        self.rows = None
-        self.finished = False
 
 
 class _Alert:
     __slots__ = ("cs", "off", "uid", "msg", "attempts", "dup", "last")
 
-    def __init__(self, cs: _ChunkState, off: int, uid: str, msg: str) -> None:
+    def __init__(self, cs: ChunkState, off: int, uid: str, msg: str) -> None:
         self.cs = cs
         self.off = off
         self.uid = uid
@@ -88,16 +57,16 @@ class Worker:
                                  interval=cfg.wal.fsync_interval,
                                  segment_bytes=cfg.wal.segment_bytes)
         self.side = SideLog(cfg.state_dir)
+        self.outcomes = Recorder(index, conn, self.wal, self.side)
         self.pool: Pool | None = None
         self._apply(cfg)
         self._chunks: deque[Chunk] = deque()
-        self._cur: _ChunkState | None = None
+        self._cur: ChunkState | None = None
         self._retries: list[tuple[float, int, _Alert]] = []  # (due, tiebreak, alert)
         self._tiebreak = 0
         self._more = asyncio.Event()
         self._lanes: dict[int, asyncio.Task[None]] = {}
         self._pending = 0  # rows read and not yet final, in flight or awaiting retry
-        self._acks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._done = asyncio.Event()
         self.breaker = Breaker(shared)
@@ -131,8 +100,8 @@ class Worker:
         self.conn.send(Ready(self.index, os.getpid()))
         await self._done.wait()
         loop.remove_reader(self.conn.fileno())
-        if self._acks:
-            await asyncio.gather(*self._acks, return_exceptions=True)
+        if self.outcomes.acks:
+            await asyncio.gather(*self.outcomes.acks, return_exceptions=True)
         beat.cancel()
         self.slot.sent, self.slot.delivered = self._n_sent, self._n_delivered
         await self.wal.close()
@@ -268,7 +237,7 @@ class Worker:
                 try:
                     uid, msg = chunker.parse(line, cs.chunk.layout)
                 except chunker.BadRow as e:
-                    self._reject(cs, off, line, e.reason)
+                    self.outcomes.reject(cs, off, line, e.reason)
                     continue
                 cs.outstanding += 1
                 self._pending += 1
@@ -276,14 +245,14 @@ class Worker:
             cs.parsed = True
             cs.rows = None
             self._cur = None
-            self._maybe_finish(cs)
+            self.outcomes.finish_if_done(cs)
 
     def _expire_rows(self) -> None:
         """While the endpoint is down, rows of jobs older than retry.max_age are dead
         without a send: the job can then complete instead of waiting forever."""
         max_age = self.cfg.retry.max_age
         while (cs := self._cur or (self._chunks[0] if self._chunks else None)) is not None:
-            chunk = cs.chunk if isinstance(cs, _ChunkState) else cs
+            chunk = cs.chunk if isinstance(cs, ChunkState) else cs
             if time.time() - chunk.started_at < max_age:
                 return
             a = self._read_row()
@@ -292,8 +261,7 @@ class Worker:
             self._final(a, Outcome.DEAD, 0, f"expired: endpoint down and older than "
                         f"retry.max_age ({max_age:g} s)")
 
-    def _open_chunk(self, chunk: Chunk) -> _ChunkState | None:
-        cs = _ChunkState(chunk)
+    def _open_chunk(self, chunk: Chunk) -> ChunkState | None:
         try:
             # pread, not mmap: a file truncated under us gives a short read, never SIGBUS.
             fd = os.open(chunk.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -305,19 +273,9 @@ class Worker:
             log.error("worker %d: %s chunk %d unreadable: %s", self.index, chunk.job, chunk.seq, e)
             self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
             return None
-        cs.rows = chunker.rows(data, chunk.start, chunk.start, chunk.end)
+        cs = ChunkState(chunk, chunker.rows(data, chunk.start, chunk.start, chunk.end))
         self._cur = cs
         return cs
-
-    def _reject(self, cs: _ChunkState, off: int, line: bytes, reason: str) -> None:
-        job = cs.chunk.job
-        text = line[:MAX_LINE_IN_REJECT].decode("utf-8", "replace")
-        self.side.write("rejects", job, orjson.dumps(
-            {"job": job, "offset": off, "line": text, "reason": reason, "file": cs.chunk.name,
-             "ts": time.time()}) + b"\n")
-        self.wal.append(wal.encode_row(job, cs.chunk.seq, off, Outcome.REJECTED.value, 0, 0,
-                                       False, "", time.time(), reason))
-        cs.counts.count(Outcome.REJECTED)
 
     # ------------------------------------------------------------ sending
 
@@ -418,10 +376,7 @@ class Worker:
     def _retry(self, a: _Alert, at_least: float) -> None:
         if self._expired(a):
             return
-        retry = self.cfg.retry
-        # Full jitter (AWS): spreads retries of many rows instead of synchronising them.
-        ceiling = min(retry.max_delay, retry.base_delay * 2 ** max(0, a.attempts - 1))
-        self._push(a, time.monotonic() + max(random.uniform(0, ceiling), at_least))
+        self._push(a, time.monotonic() + max(backoff(a.attempts, self.cfg.retry), at_least))
 
     def _push(self, a: _Alert, due: float) -> None:
         self._tiebreak += 1
@@ -429,35 +384,8 @@ class Worker:
         self._more.set()
 
     def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
-        cs = a.cs
-        job = cs.chunk.job
-        now = time.time()
-        if outcome is Outcome.DEAD:
-            self.side.write("dlq", job, orjson.dumps(
-                {"id": f"{job}:{a.off}", "job": job, "offset": a.off, "user_id": a.uid,
-                 "message": a.msg, "file": cs.chunk.name, "attempts": a.attempts,
-                 "status": status, "error": err, "ts": now}) + b"\n")
-        self.wal.append(wal.encode_row(job, cs.chunk.seq, a.off, outcome.value, status,
-                                       a.attempts, a.dup, a.uid, now, err))
-        cs.counts.count(outcome, a.dup)
-        cs.outstanding -= 1
         self._pending -= 1
-        self._maybe_finish(cs)
-
-    def _maybe_finish(self, cs: _ChunkState) -> None:
-        if cs.parsed and cs.outstanding == 0 and not cs.finished:
-            cs.finished = True
-            c = cs.chunk
-            self.wal.append(wal.encode_chunk(c.job, c.seq, c.end, cs.counts, time.time()))
-            t = asyncio.get_running_loop().create_task(self._ack(cs))
-            self._acks.add(t)
-            t.add_done_callback(self._acks.discard)
-
-    async def _ack(self, cs: _ChunkState) -> None:
-        # Side files first: a durable "dead" WAL record must find its DLQ line.
-        await self.side.sync()
-        await self.wal.sync()
-        self.conn.send(ChunkAck(self.index, cs.chunk.job, cs.chunk.seq, cs.counts))
+        self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err)
 
 
 def main(index: int, conn: Connection, cfg: Config, shared: Shared, log_level: int) -> None:

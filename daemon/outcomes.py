@@ -1,0 +1,84 @@
+"""Final outcomes inside a worker, and the rule that finalises chunks.
+
+A row's outcome goes to its side file (rejects/ or dlq/) and then to the WAL;
+a chunk is final when every row of it is, and is acknowledged to the
+supervisor only once those records are durable. Never sends a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+import orjson
+
+from . import wal
+from .protocol import Chunk, ChunkAck, Counts, Outcome
+from .sidelog import SideLog
+
+MAX_LINE_IN_REJECT = 1024  # bytes of a bad line kept in rejects/<job>.jsonl
+
+
+class ChunkState:
+    """A chunk being delivered: its counts so far and how many rows are still open."""
+
+    __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "finished")
+
+    def __init__(self, chunk: Chunk, rows: Iterator[tuple[int, bytes]]) -> None:
+        self.chunk = chunk
+        self.counts = Counts()
+        self.counts.add(chunk.prior)
+        self.outstanding = 0  # rows read but not yet final
+        self.parsed = False  # every row of the span has been read
+        self.rows: Iterator[tuple[int, bytes]] | None = rows
+        self.finished = False
+
+
+class Recorder:
+    def __init__(self, index: int, conn: Connection, log: wal.WalWriter, side: SideLog) -> None:
+        self.index = index
+        self.conn = conn
+        self.wal = log
+        self.side = side
+        self.acks: set[asyncio.Task[None]] = set()
+
+    def reject(self, cs: ChunkState, off: int, line: bytes, reason: str) -> None:
+        job, now = cs.chunk.job, time.time()
+        text = line[:MAX_LINE_IN_REJECT].decode("utf-8", "replace")
+        self.side.write("rejects", job, orjson.dumps(
+            {"job": job, "offset": off, "line": text, "reason": reason, "file": cs.chunk.name,
+             "ts": now}) + b"\n")
+        self.wal.append(wal.encode_row(job, cs.chunk.seq, off, Outcome.REJECTED.value, 0, 0,
+                                       False, "", now, reason))
+        cs.counts.count(Outcome.REJECTED)
+
+    def final(self, cs: ChunkState, off: int, uid: str, msg: str, attempts: int, dup: bool,
+              outcome: Outcome, status: int, err: str | None) -> None:
+        """The row at `off` ends as `outcome` (delivered or dead)."""
+        job, now = cs.chunk.job, time.time()
+        if outcome is Outcome.DEAD:
+            self.side.write("dlq", job, orjson.dumps(
+                {"id": f"{job}:{off}", "job": job, "offset": off, "user_id": uid,
+                 "message": msg, "file": cs.chunk.name, "attempts": attempts,
+                 "status": status, "error": err, "ts": now}) + b"\n")
+        self.wal.append(wal.encode_row(job, cs.chunk.seq, off, outcome.value, status, attempts,
+                                       dup, uid, now, err))
+        cs.counts.count(outcome, dup)
+        cs.outstanding -= 1
+        self.finish_if_done(cs)
+
+    def finish_if_done(self, cs: ChunkState) -> None:
+        if cs.parsed and cs.outstanding == 0 and not cs.finished:
+            cs.finished = True
+            c = cs.chunk
+            self.wal.append(wal.encode_chunk(c.job, c.seq, c.end, cs.counts, time.time()))
+            t = asyncio.get_running_loop().create_task(self._ack(cs))
+            self.acks.add(t)
+            t.add_done_callback(self.acks.discard)
+
+    async def _ack(self, cs: ChunkState) -> None:
+        # Side files first: a durable "dead" WAL record must find its DLQ line.
+        await self.side.sync()
+        await self.wal.sync()
+        self.conn.send(ChunkAck(self.index, cs.chunk.job, cs.chunk.seq, cs.counts))
