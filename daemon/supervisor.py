@@ -63,6 +63,7 @@ class Supervisor:
         self.draining = False
         self.controls: asyncio.Queue[Control] = asyncio.Queue()
         self.last_reload: dict[str, Any] = {"ok": None, "at": None, "error": None}
+        self.reload_counts = {"succeeded": 0, "failed": 0}  # for /metrics
         self.started_at = time.time()
         self._stopped = asyncio.Event()
         self._watcher: InboxWatcher | None = None
@@ -329,7 +330,7 @@ class Supervisor:
             new = config_mod.load(path)
         except ConfigError as e:
             log.error("reload failed, keeping the running config: %s", e)
-            self.last_reload = {"ok": False, "at": time.time(), "error": str(e)}
+            self._reload_done(False, str(e))
             systemd.notify("READY=1")
             return
         old, self.cfg = self.cfg, new
@@ -342,7 +343,7 @@ class Supervisor:
             for w in self.workers.values():
                 if not w.retiring:
                     w.conn.send(Reload(new))
-        self.last_reload = {"ok": True, "at": time.time(), "error": None}
+        self._reload_done(True)
         log.info("reloaded %s", path)
         systemd.notify("READY=1")
 
@@ -419,19 +420,8 @@ class Supervisor:
                          "paused_for": max(0.0, st.pause_until - now)},
                 "breaker": {**Breaker(self.shared).describe(),
                             "probe_in": max(0.0, st.breaker_until - now) if st.breaker_state else 0.0},
-                "reload": {**self.last_reload, **self._reload_counts}}
+                "reload": {**self.last_reload, **self.reload_counts}}
 
-    # Reload results are counted where they are recorded, so /metrics can expose counters
-    # without handle_hup knowing about metrics.
-    _reload_counts: dict[str, int] = {"succeeded": 0, "failed": 0}
-
-    @property
-    def last_reload(self) -> dict[str, Any]:
-        return self._last_reload
-
-    @last_reload.setter
-    def last_reload(self, value: dict[str, Any]) -> None:
-        self._last_reload = value
-        if value.get("ok") is not None:
-            key = "succeeded" if value["ok"] else "failed"
-            self._reload_counts = {**self._reload_counts, key: self._reload_counts[key] + 1}
+    def _reload_done(self, ok: bool, error: str | None = None) -> None:
+        self.last_reload = {"ok": ok, "at": time.time(), "error": error}
+        self.reload_counts["succeeded" if ok else "failed"] += 1
