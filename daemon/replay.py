@@ -7,7 +7,6 @@ second final outcome, so `verify` still holds); delivered lines leave the DLQ.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import multiprocessing
 import os
 import random
@@ -52,12 +51,7 @@ def replay(cfg: Config, job: str | None = None) -> list[Result]:
     jobs = _dlq_jobs(cfg, job)
     wal_dir = cfg.state_dir / "wal"
     wal_dir.mkdir(parents=True, exist_ok=True)
-    with open(wal_dir / f"worker-{REPLAY_WAL}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlertdError("dlq replay: another replay is running") from None
-        return asyncio.run(_replay(cfg, jobs))
+    return asyncio.run(_replay(cfg, jobs))
 
 
 async def _replay(cfg: Config, jobs: list[str]) -> list[Result]:
@@ -66,7 +60,10 @@ async def _replay(cfg: Config, jobs: list[str]) -> list[Result]:
     sender = _Sender(cfg, ratelimit.TokenBudget(shared))
     writer = wal.WalWriter(cfg.state_dir / "wal", REPLAY_WAL, fsync=cfg.wal.fsync,
                            interval=cfg.wal.fsync_interval, segment_bytes=cfg.wal.segment_bytes)
-    writer.open()
+    try:
+        writer.open(wait=0)
+    except BlockingIOError:
+        raise AlertdError("dlq replay: another replay is running") from None
     committer = asyncio.get_running_loop().create_task(writer.run())
     results = []
     try:

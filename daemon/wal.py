@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import fcntl
 import mmap
 import os
 import re
+import time
 import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -198,6 +200,21 @@ def _describe(e: OSError) -> str:
     return f"{name}: {e.strerror or e}"
 
 
+def _own(path: Path, wait: float) -> int:
+    """An exclusive flock held as long as the returned fd is open (the process's life)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is held by another process")
+            time.sleep(0.05)  # start-up only: the old owner is exiting
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -221,6 +238,7 @@ class WalWriter:
         self._interval = interval
         self._segment_bytes = segment_bytes
         self._fd = -1
+        self._owner = -1  # fd holding the flock on worker-<k>.lock: one writer per index
         self._size = 0  # bytes of the current file known written and fsynced
         self._seq = 0  # last rotated segment number
         self._buf = bytearray()
@@ -242,8 +260,11 @@ class WalWriter:
     def pending_bytes(self) -> int:
         return self._appended - self._durable
 
-    def open(self) -> None:
+    def open(self, wait: float = 30.0) -> None:
+        """Take this worker index's WAL (waiting up to `wait` s for a previous owner, e.g.
+        a worker of a killed supervisor, to exit) and repair a torn tail."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._owner = _own(self.dir / f"worker-{self.worker}.lock", wait)
         for p in segments(self.dir):
             m = _NAME.fullmatch(p.name)
             if m and int(m.group(1)) == self.worker and m.group(2) is not None:
@@ -316,6 +337,9 @@ class WalWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._owner >= 0:  # the index is free for the next writer
+            os.close(self._owner)
+            self._owner = -1
 
     async def _commit(self) -> bool:
         async with self._lock:

@@ -313,3 +313,18 @@ def test_failed_fsync_rewrites_from_known_good_length(tmp_path: Path, monkeypatc
 
     asyncio.run(main())
     assert (tmp_path / "worker-0.wal").read_bytes() == row(0) + row(1) + row(2)
+
+
+def test_one_writer_per_worker_index(tmp_path: Path) -> None:
+    """A worker of a killed supervisor may still be flushing: its successor must wait."""
+    first = WalWriter(tmp_path, 0)
+    first.open()
+    second = WalWriter(tmp_path, 0)
+    with pytest.raises(BlockingIOError):
+        second.open(wait=0.2)
+    other = WalWriter(tmp_path, 1)  # another index is independent
+    other.open(wait=0)
+    asyncio.run(first.close())
+    second.open(wait=0)  # free once the first owner closed
+    asyncio.run(second.close())
+    asyncio.run(other.close())
