@@ -105,6 +105,7 @@ count = {args.workers}
         print(f"demo: dropped {args.rows} rows into {inbox.relative_to(ROOT)}/demo.csv")
         done = cfg.state_dir / "done"
         summary_path = None
+        tty, next_line = sys.stdout.isatty(), 0.0
         while summary_path is None:
             found = sorted(done.glob("*.summary.json"))
             if found:
@@ -112,9 +113,14 @@ count = {args.workers}
                 break
             st = ready()
             sent = sum(w["delivered"] for w in st["workers"])
-            print(f"\r  delivered {sent:>8}/{args.rows}", end="", flush=True)
+            # A terminal gets one line redrawn; a log (CI, a pipe) one line every 2 s.
+            if tty:
+                print(f"\r  delivered {sent:>8}/{args.rows}", end="", flush=True)
+            elif time.monotonic() >= next_line:
+                print(f"  delivered {sent:>8}/{args.rows}", flush=True)
+                next_line = time.monotonic() + 2.0
             time.sleep(0.5)
-        print(f"\r  delivered {args.rows:>8}/{args.rows}")
+        print(f"{chr(13) if tty else ''}  delivered {args.rows:>8}/{args.rows}")
         s = json.loads(summary_path.read_text())
         stats = mock_stats(port)
         from datetime import datetime
