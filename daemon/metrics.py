@@ -9,7 +9,7 @@ from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OUTCOMES = ("delivered", "rejected", "dead", "possible_duplicates")
-BREAKER = {"closed": 0, "open": 1, "half-open": 2}
+BREAKER = {"closed": 0, "open": 1}  # while open, probes go out: no separate half-open state
 
 
 def _esc(v: object) -> str:
@@ -83,7 +83,7 @@ def render(doc: dict[str, Any]) -> str:
              [({}, rate["paused_for"])])
     br = doc["breaker"]
     o.family("alertd_breaker_state", "gauge",
-             "Circuit breaker shared by the workers: 0 closed, 1 open, 2 half-open.",
+             "Circuit breaker shared by the workers: 0 closed, 1 open (only probes go out).",
              [({}, BREAKER.get(br["state"], -1))])
     if "opens" in br:
         o.family("alertd_breaker_opens_total", "counter", "Times the circuit breaker opened.",

@@ -24,8 +24,8 @@ from .breaker import Breaker
 from .config import Config
 from .errors import ConfigError
 from .jobs import Job, JobStore, partial_counts
-from .retention import Retention
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
+from .retention import Retention
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
 from .status import StatusServer

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,15 @@ from typing import Any
 import psutil
 
 from daemon import commands, config
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_dGVzdC1zZWNyZXQtZm9yLWFsZXJ0ZC10ZXN0cw=="
 
 
 def poll(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    """wait_until with the argument order these tests read best."""
+    return wait_until(pred, timeout, interval=interval, what=what)
 
 
 def toml_value(v: Any) -> str:
