@@ -1,0 +1,33 @@
+"""WAL retention: rotated segments go only when every job they name is final."""
+from __future__ import annotations
+
+import os
+import time
+
+from daemon import wal
+from daemon.retention import Retention
+
+
+def write_segment(d, name, jobs):
+    lines = b"".join(wal.encode_row(j, 0, i, "delivered", 200, 1, False, "u", 1.0)
+                     for i, j in enumerate(jobs))
+    (d / "wal" / name).write_bytes(lines)
+
+
+def test_only_segments_of_finished_jobs_older_than_retention_go(tmp_path):
+    (tmp_path / "wal").mkdir()
+    (tmp_path / "done").mkdir()
+    write_segment(tmp_path, "worker-0.000001.wal", ["j000001"])
+    write_segment(tmp_path, "worker-0.000002.wal", ["j000001", "j000002"])
+    write_segment(tmp_path, "worker-0.wal", ["j000001"])  # current: never removed
+    (tmp_path / "done" / "j000001.summary.json").write_text("{}")
+    r = Retention(tmp_path)
+    assert r.collect(keep_seconds=3600) == []  # too recent
+    old = time.time() - 7200
+    for p in (tmp_path / "wal").iterdir():
+        os.utime(p, (old, old))
+    removed = r.collect(keep_seconds=3600)
+    assert [p.name for p in removed] == ["worker-0.000001.wal"]  # j000002 is not final
+    (tmp_path / "done" / "j000002.summary.json").write_text("{}")
+    assert [p.name for p in r.collect(keep_seconds=3600)] == ["worker-0.000002.wal"]
+    assert (tmp_path / "wal" / "worker-0.wal").exists()
