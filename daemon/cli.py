@@ -27,7 +27,8 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 EXIT_CODES = """exit codes:
   0  ok
   1  a failure was found (verify: rows without exactly one final outcome;
-     run: another alertd holds the state directory)
+     dlq replay: dead letters still failing; run: another alertd holds the
+     state directory)
   2  bad command line or configuration (nothing started; stderr names the key)
   3  the daemon's status API cannot be reached"""
 
