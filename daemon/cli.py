@@ -179,6 +179,18 @@ def _run(cfg: config.Config, args: argparse.Namespace) -> int:
     except BlockingIOError:
         print(f"alertd: another alertd is already running on {cfg.state_dir}", file=sys.stderr)
         return EXIT_FAILURE
+    inbox = cfg.paths.inbox_dir
+    try:
+        inbox.mkdir(parents=True, exist_ok=True)
+        same_fs = os.stat(inbox).st_dev == os.stat(cfg.state_dir).st_dev
+    except OSError as e:
+        print(f"alertd: config: [paths] inbox {inbox}: {e.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not same_fs:
+        # A claim is a rename into spool/: across filesystems it would fail (EXDEV).
+        print(f"alertd: config: [paths] inbox {inbox} must be on the same filesystem as "
+              f"state_dir {cfg.state_dir}", file=sys.stderr)
+        return EXIT_CONFIG
     return uvloop.run(Supervisor(cfg, level).run())
 
 

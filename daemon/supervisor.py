@@ -35,6 +35,7 @@ log = logging.getLogger("alertd.supervisor")
 
 PREFETCH = 2  # chunks handed to a worker ahead of its acks: one working, one waiting
 RESPAWN_DELAY = 1.0  # a worker that died young waits this long before its successor starts
+HUNG_AFTER = 30.0  # seconds without a heartbeat (it ticks ten times a second) = stuck
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Supervisor:
             if self.cfg.rate.adaptive:
                 ratelimit.recover_rate(self.shared, self.cfg.rate.limit,
                                        self.cfg.rate.effective_burst)
+            self._kill_hung(now)
             pending = sum(s.pending for s in self._slots())
             extra = ["WATCHDOG=1"] if wd else []
             systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.jobs)} jobs, "
@@ -141,6 +143,16 @@ class Supervisor:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, self._retention.collect,
                                            self.cfg.wal.retention)
+
+    def _kill_hung(self, now: float) -> None:
+        """A worker whose loop has not ticked for HUNG_AFTER s is stuck: kill it; the exit
+        handler re-runs its chunks and starts a successor."""
+        for w in self.workers.values():
+            beat = self.shared.slot(w.index).heartbeat
+            if w.ready and beat and now - beat > HUNG_AFTER and w.proc.is_alive():
+                log.error("worker %d (pid %s) has not ticked for %.0f s: killing it",
+                          w.index, w.proc.pid, now - beat)
+                w.proc.kill()
 
     def _slots(self) -> list[Any]:
         return [self.shared.slot(i) for i in self.workers]
@@ -235,6 +247,7 @@ class Supervisor:
         parent, child = self.ctx.Pipe(duplex=True)
         slot = self.shared.slot(index)
         slot.sent = slot.delivered = slot.in_flight = slot.pending = 0
+        slot.heartbeat = 0.0  # not the previous occupant's: a stale beat would look hung
         with signals.blocked():
             proc = self.ctx.Process(target=worker.main, name=f"alertd-worker-{index}",
                                     args=(index, child, self.cfg, self.shared, self.log_level))

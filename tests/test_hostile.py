@@ -5,6 +5,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,3 +153,17 @@ def test_a_file_truncated_while_delivered_fails_its_job_not_the_daemon(tmp_path,
     assert all(w["pid"] for w in a.status()["workers"])
     a.drop("after.csv", b"user_id\nafter1\n")
     poll(lambda: any(s["file"] == "after.csv" for s in a.summaries()), 30, "the next job")
+
+
+def test_an_inbox_on_another_filesystem_is_refused_at_start(tmp_path):
+    inbox = tmp_path / "inbox"
+    if not _mount_tmpfs(inbox, "1m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
+    try:
+        cfg = write_config(tmp_path / "a.toml", 9, paths={"inbox": str(inbox)})
+        p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2
+        assert "must be on the same filesystem" in p.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], capture_output=True)
