@@ -21,16 +21,6 @@ from daemon import commands, config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
 def write_config(dirpath: Path, url: str, secret: str, **sections: dict[str, Any]) -> Path:
     """alertd.toml in `dirpath`, state in `dirpath`/state; `sections` override keys."""
     base: dict[str, dict[str, Any]] = {
@@ -44,9 +34,7 @@ def write_config(dirpath: Path, url: str, secret: str, **sections: dict[str, Any
         base.setdefault(name, {}).update(keys)
     dirpath.mkdir(parents=True, exist_ok=True)
     path = dirpath / "alertd.toml"
-    path.write_text("".join(
-        f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items()) + "\n"
-        for name, keys in base.items()))
+    path.write_text(config.to_toml(base))
     return path
 
 

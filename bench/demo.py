@@ -72,17 +72,10 @@ def main() -> int:
     var.mkdir(parents=True)
     mock, port = start_mock(var)
     cfg_path = var / "alertd.toml"
-    cfg_path.write_text(f"""# written by `make demo`
-[paths]
-state_dir = "state"
-
-[webhook]
-url = "http://127.0.0.1:{port}/hooks/alerts"
-secrets = ["{SECRET}"]
-
-[workers]
-count = {args.workers}
-""")
+    cfg_path.write_text("# written by `make demo`\n" + config.to_toml({
+        "paths": {"state_dir": "state"},
+        "webhook": {"url": f"http://127.0.0.1:{port}/hooks/alerts", "secrets": [SECRET]},
+        "workers": {"count": args.workers}}))
     cfg = config.load(cfg_path)
     alertd_log = open(var / "alertd.log", "w")
     alertd = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg_path)],

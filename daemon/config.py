@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import os
 import stat
 import tomllib
@@ -347,6 +348,24 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
 
     return Config(paths=paths, webhook=webhook, rate=rate, workers=workers, retry=retry,
                   csv=csvc, alert=alert, wal=wal, status=status, shutdown=shutdown)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Render {section: {key: value}} as a config file (for tests, benchmarks, demos)."""
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
+                   + "\n" for name, keys in sections.items())
 
 
 def load(path: str | os.PathLike[str]) -> Config:

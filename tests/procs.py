@@ -27,16 +27,6 @@ def poll(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0
     return wait_until(pred, timeout, interval=interval, what=what)
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
 def write_config(path: Path, port: int, **sections: dict[str, Any]) -> Path:
     """A config with state in <path.parent>/state; `sections` override/add keys."""
     base: dict[str, dict[str, Any]] = {
@@ -48,9 +38,7 @@ def write_config(path: Path, port: int, **sections: dict[str, Any]) -> Path:
     }
     for name, keys in sections.items():
         base.setdefault(name, {}).update(keys)
-    text = "".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-                   + "\n" for name, keys in base.items())
-    path.write_text(text)
+    path.write_text(config.to_toml(base))
     return path
 
 

@@ -73,3 +73,16 @@ def test_headers_and_secrets_are_kept(tmp_path):
              '[webhook.headers]\nAuthorization = "Bearer abc"\n')
     assert c.webhook.headers == (("Authorization", "Bearer abc"),)
     assert c.webhook.secrets == (SECRET,)
+
+
+def test_to_toml_round_trips_through_load(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(config.to_toml({
+        "paths": {"state_dir": "s"},
+        "webhook": {"url": "http://127.0.0.1:9/h", "secrets": [SECRET],
+                    "headers": {"Authorization": "Bearer \"x\""}},
+        "rate": {"limit": 2000, "adaptive": True}}))
+    c = config.load(p)
+    assert c.webhook.secrets == (SECRET,)
+    assert c.webhook.headers == (("Authorization", 'Bearer "x"'),)
+    assert (c.rate.limit, c.rate.adaptive) == (2000.0, True)
