@@ -9,10 +9,12 @@ from daemon import ratelimit
 from daemon.shm import Shared
 
 
-def _spend(shared: Shared, seconds: float, out) -> None:
+def _spend(shared: Shared, seconds: float, out, ready, go) -> None:
     async def run() -> int:
         budget = ratelimit.TokenBudget(shared)
         n = 0
+        ready.put(1)
+        go.wait(30)  # all processes spend over the same window
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await budget.acquire()
@@ -25,16 +27,19 @@ def test_bucket_is_shared_across_processes():
     ctx = multiprocessing.get_context("spawn")
     shared = Shared.create(ctx)
     ratelimit.configure(shared, 1000, 50)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_spend, args=(shared, 2.0, out)) for _ in range(3)]
+    out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_spend, args=(shared, 2.0, out, ready, go)) for _ in range(3)]
     for p in procs:
         p.start()
+    for _ in procs:
+        ready.get(timeout=30)  # every child is at the start line
+    go.set()
     counts = [out.get(timeout=30) for _ in procs]
     for p in procs:
         p.join(10)
     total = sum(counts)
-    # 2 s at 1000/s, plus at most a burst and the tokens parked per process; the
-    # lower bound allows for the processes starting a little after the clock.
+    # 2 s at 1000/s, plus at most a burst (filled while waiting) and the tokens parked
+    # per process; the lower bound allows for a child that wakes from the start late.
     assert total <= 2000 + 50 + 3 * ratelimit.MAX_BATCH, counts
     assert total >= 1500, counts
     assert all(c > 200 for c in counts), counts  # nobody starves
