@@ -30,11 +30,9 @@ def write_config(dirpath: Path, url: str, secret: str, **sections: dict[str, Any
         "rate": {"limit": 0},
         "shutdown": {"grace": 10.0},
     }
-    for name, keys in sections.items():
-        base.setdefault(name, {}).update(keys)
     dirpath.mkdir(parents=True, exist_ok=True)
     path = dirpath / "alertd.toml"
-    path.write_text(config.to_toml(base))
+    path.write_text(config.to_toml(base, sections))
     return path
 
 
@@ -71,12 +69,7 @@ class Alertd:
         if self.proc.poll() is not None:
             raise RuntimeError(f"alertd exited with {self.proc.returncode} "
                                f"(see {self.log_path})")
-        try:
-            st = self.status()
-        except commands.Unavailable:
-            return False
-        ws = st["workers"]
-        return len(ws) == self.cfg.workers.count and all(w["ready"] for w in ws)
+        return commands.ready(self.cfg)
 
     def status(self) -> dict[str, Any]:
         return commands.fetch_status(self.cfg, timeout=2)

@@ -58,6 +58,16 @@ def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
     return orjson.loads(body)
 
 
+def ready(cfg: Config) -> bool:
+    """The daemon answers and every one of its workers is up (False while starting)."""
+    try:
+        st = fetch_status(cfg, timeout=2)
+    except Unavailable:
+        return False
+    ws = st["workers"]
+    return len(ws) == cfg.workers.count and all(w["ready"] for w in ws)
+
+
 def _bar(frac: float, width: int = 20) -> str:
     n = max(0, min(width, int(frac * width + 0.5)))
     return "[" + "#" * n + "." * (width - n) + "]"

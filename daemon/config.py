@@ -362,8 +362,13 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
-def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Render {section: {key: value}} as a config file (for tests, benchmarks, demos)."""
+def to_toml(sections: dict[str, dict[str, Any]],
+            overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    """Render {section: {key: value}}, with `overrides` merged key by key, as a config
+    file (for tests, benchmarks, demos)."""
+    sections = {name: dict(keys) for name, keys in sections.items()}
+    for name, keys in (overrides or {}).items():
+        sections.setdefault(name, {}).update(keys)
     return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
                    + "\n" for name, keys in sections.items())
 

@@ -36,9 +36,7 @@ def write_config(path: Path, port: int, **sections: dict[str, Any]) -> Path:
         "retry": {"base_delay": 0.05, "max_delay": 1.0},
         "shutdown": {"grace": 10.0},
     }
-    for name, keys in sections.items():
-        base.setdefault(name, {}).update(keys)
-    path.write_text(config.to_toml(base))
+    path.write_text(config.to_toml(base, sections))
     return path
 
 
@@ -56,10 +54,10 @@ class Alertd:
         return self.cfg.state_dir
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Alertd:
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path)],
-            cwd=ROOT, stdout=log, stderr=log, env={**os.environ, **(env or {})})
+        with open(self.log_path, "a") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path)],
+                cwd=ROOT, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         if wait:
             poll(self._ready, 60, "alertd to be ready")
         return self
@@ -67,12 +65,7 @@ class Alertd:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"alertd exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            st = self.status()
-        except commands.Unavailable:
-            return False
-        return len(st["workers"]) == self.cfg.workers.count and all(
-            w["ready"] for w in st["workers"])
+        return commands.ready(self.cfg)
 
     def status(self) -> dict[str, Any]:
         return commands.fetch_status(self.cfg, timeout=2)
@@ -91,6 +84,9 @@ class Alertd:
 
     def worker_pids(self) -> list[int]:
         return [w["pid"] for w in self.status()["workers"]]
+
+    def sent_now(self) -> int:
+        return sum(w["sent"] for w in self.status()["workers"])
 
     def delivered_now(self) -> int:
         return sum(w["delivered"] for w in self.status()["workers"])
