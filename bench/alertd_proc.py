@@ -1,4 +1,4 @@
-"""One `python -m daemon run` under benchmark: config, start, drop a file, summaries, stop.
+"""One `python -m alertd run` under benchmark: config, start, drop a file, summaries, stop.
 
 Files arrive the way producers should deliver them (hard link under a dot
 name, then rename), so one generated CSV serves every run without a copy.
@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from daemon import commands, config
+from alertd import commands, config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ class Alertd:
     def start(self, timeout: float = 60) -> Alertd:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path)],
+                [sys.executable, "-m", "alertd", "run", "--config", str(self.cfg_path)],
                 cwd=ROOT, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while not self._ready():

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gen_csv import generate  # noqa: E402
-from daemon import commands, config  # noqa: E402
+from alertd import commands, config  # noqa: E402
 
 SECRET = "whsec_ZGVtby1zZWNyZXQtZm9yLWFsZXJ0ZC1tYWtlLWRlbW8="  # demo only
 
@@ -78,7 +78,7 @@ def main() -> int:
         "workers": {"count": args.workers}}))
     cfg = config.load(cfg_path)
     alertd_log = open(var / "alertd.log", "w")
-    alertd = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg_path)],
+    alertd = subprocess.Popen([sys.executable, "-m", "alertd", "run", "--config", str(cfg_path)],
                               cwd=ROOT, stderr=alertd_log)
     rc = 1
     try:

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from daemon.payload import Payloads
+from alertd.payload import Payloads
 
 # A representative alert, built by alertd's own payload code so wrk sends the
 # very bytes (size, headers, signature) alertd sends.

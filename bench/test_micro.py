@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import chunker, ratelimit
-from daemon.config import CsvConfig
-from daemon.payload import Payloads
-from daemon.shm import Shared
-from daemon.wal import WalWriter, encode_row
+from alertd import chunker, ratelimit
+from alertd.config import CsvConfig
+from alertd.payload import Payloads
+from alertd.shm import Shared
+from alertd.wal import WalWriter, encode_row
 
 from .gen_csv import generate
 from .sink import SAMPLE_SECRET

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from daemon import commands, config
+from alertd import commands, config
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ class Alertd:
     def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Alertd:
         with open(self.log_path, "a") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path)],
+                [sys.executable, "-m", "alertd", "run", "--config", str(self.cfg_path)],
                 cwd=ROOT, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         if wait:
             poll(self._ready, 60, "alertd to be ready")
@@ -138,6 +138,6 @@ class Alertd:
         return poll(enough, timeout, f"{n} job summaries", interval=0.1)
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "daemon", *args, "--config",
+        return subprocess.run([sys.executable, "-m", "alertd", *args, "--config",
                                str(self.cfg_path)], cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import multiprocessing
 
-from daemon import breaker
-from daemon.breaker import Breaker, Gate
-from daemon.shm import Shared
+from alertd import breaker
+from alertd.breaker import Breaker, Gate
+from alertd.shm import Shared
 
 
 def fresh() -> Breaker:

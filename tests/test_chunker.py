@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import chunker
-from daemon.chunker import (BOM, BadRow, FileView, layout_for, parse, plan, read_header,
+from alertd import chunker
+from alertd.chunker import (BOM, BadRow, FileView, layout_for, parse, plan, read_header,
                             read_span, rows)
-from daemon.config import CsvConfig
-from daemon.errors import InputError
-from daemon.protocol import CsvLayout
+from alertd.config import CsvConfig
+from alertd.errors import InputError
+from alertd.protocol import CsvLayout
 
 FILES: dict[str, bytes] = {
     "lf": b"user_id,msg\nu1,hello\nu2,world\n",

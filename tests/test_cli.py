@@ -17,7 +17,7 @@ COMMANDS = ["run", "status", "tail", "verify", "dlq"]
 
 
 def alertd_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "alertd", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -76,7 +76,7 @@ def test_status_tail_verify_dlq(daemon):
     assert r.returncode == 0 and f"verify {job}: 4 rows, 4 with exactly one" in r.stdout
 
     # tail -f follows a new job; Ctrl-C ends it with 0.
-    f = subprocess.Popen([sys.executable, "-m", "daemon", "tail", "-f", "-n", "0", "--json",
+    f = subprocess.Popen([sys.executable, "-m", "alertd", "tail", "-f", "-n", "0", "--json",
                           "--config", str(a.cfg_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         poll(lambda: a.cli("tail", "-n", "0").returncode == 0, 5, "tail")  # let -f start
@@ -114,7 +114,7 @@ def test_status_tail_verify_dlq(daemon):
 
 def test_status_watch_redraws_until_interrupted(daemon):
     a, _ = daemon
-    w = subprocess.Popen([sys.executable, "-m", "daemon", "status", "--watch", "--interval",
+    w = subprocess.Popen([sys.executable, "-m", "alertd", "status", "--watch", "--interval",
                           "0.2", "--config", str(a.cfg_path)], cwd=ROOT, stdout=subprocess.PIPE,
                          text=True)
     try:

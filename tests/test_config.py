@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config
-from daemon.errors import ConfigError
+from alertd import config
+from alertd.errors import ConfigError
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

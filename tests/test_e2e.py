@@ -217,7 +217,7 @@ def test_term_drains_and_a_restart_finishes_the_job(tmp_path, mock, alertd):
 def test_bad_config_refuses_to_start_with_exit_2(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[webhook]\nurl = "http://127.0.0.1:1/"\n[rate]\nlimit = -5\n')
-    p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+    p = subprocess.run([sys.executable, "-m", "alertd", "run", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["alertd: config: [rate] limit must be >= 0, got -5"]

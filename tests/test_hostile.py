@@ -162,7 +162,7 @@ def test_an_inbox_on_another_filesystem_is_refused_at_start(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN)")
     try:
         cfg = write_config(tmp_path / "a.toml", 9, paths={"inbox": str(inbox)})
-        p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+        p = subprocess.run([sys.executable, "-m", "alertd", "run", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=30)
         assert p.returncode == 2
         assert "must be on the same filesystem" in p.stderr

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from daemon.payload import Payloads
+from alertd.payload import Payloads
 
 
 def _secret() -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from email.utils import formatdate
 
-from daemon.config import RetryConfig
-from daemon.policy import backoff, retry_after_seconds, retryable
+from alertd.config import RetryConfig
+from alertd.policy import backoff, retry_after_seconds, retryable
 
 
 def test_retryable_statuses():

@@ -5,8 +5,8 @@ import asyncio
 import multiprocessing
 import time
 
-from daemon import ratelimit
-from daemon.shm import Shared
+from alertd import ratelimit
+from alertd.shm import Shared
 
 
 def _spend(shared: Shared, seconds: float, out, ready, go) -> None:

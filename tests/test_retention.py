@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import time
 
-from daemon import wal
-from daemon.retention import Retention
+from alertd import wal
+from alertd.retention import Retention
 
 
 def write_segment(d, name, jobs):

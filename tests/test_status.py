@@ -171,7 +171,7 @@ def test_secrets_never_in_config_errors(tmp_path):
     for what, (text, names, secret) in cases.items():
         cfg = tmp_path / f"{what.replace(' ', '_')}.toml"
         cfg.write_text(text)
-        p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+        p = subprocess.run([sys.executable, "-m", "alertd", "run", "--config", str(cfg)],
                            cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert p.returncode == 2, (what, p.stderr)
         assert names in p.stderr, (what, p.stderr)
@@ -184,7 +184,7 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path):
     sf.chmod(0o644)
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'[webhook]\nurl = "http://127.0.0.1:1/"\nsecrets_file = "{sf}"\n')
-    p = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(cfg)],
+    p = subprocess.run([sys.executable, "-m", "alertd", "run", "--config", str(cfg)],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "readable by others" in p.stderr
     assert SECRET not in p.stderr

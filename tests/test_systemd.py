@@ -44,7 +44,7 @@ def unit_copy(tmp_path) -> Path:
     """The unit with ExecStart pointed at this checkout's alertd: verify insists that
     the binary exists, and /opt/alertd exists only after `make install-systemd`."""
     exe = Path(sys.executable).parent / "alertd"
-    cmd = str(exe) if exe.exists() else f"{sys.executable} -m daemon"
+    cmd = str(exe) if exe.exists() else f"{sys.executable} -m alertd"
     text = UNIT.read_text()
     assert INSTALLED_EXEC in text
     p = tmp_path / "alertd.service"
@@ -77,7 +77,7 @@ def test_unit_matches_the_daemon():
     assert keys["ExecStart"] == f"{INSTALLED_EXEC} run --config /etc/alertd/alertd.toml"
     assert keys["StateDirectory"] == "alertd" and keys["ConfigurationDirectory"] == "alertd"
     assert keys["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
-    from daemon import config
+    from alertd import config
     cfg = config.load(ROOT / "systemd" / "alertd.toml")
     assert str(cfg.state_dir) == "/var/lib/alertd"
     assert int(keys["TimeoutStopSec"].rstrip("s")) > cfg.shutdown.grace + 10
@@ -166,7 +166,7 @@ def _run_briefly(tmp_path: Path, *args: str, env: dict[str, str] | None = None) 
     a = Alertd(cfg)
     a.log_path = log
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg),
+        proc = subprocess.Popen([sys.executable, "-m", "alertd", "run", "--config", str(cfg),
                                  *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=open(log, "a"), env={**os.environ, **env})
         a.proc = proc

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from daemon.transport import Pool, Response, TransportError
+from alertd.transport import Pool, Response, TransportError
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 

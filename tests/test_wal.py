@@ -10,9 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from daemon import wal
-from daemon.protocol import Counts
-from daemon.wal import (JobRecovery, ReplayStats, WalWriter, decode, encode_chunk, encode_row,
+from alertd import wal
+from alertd.protocol import Counts
+from alertd.wal import (JobRecovery, ReplayStats, WalWriter, decode, encode_chunk, encode_row,
                         recover, records, segments)
 
 
