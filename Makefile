@@ -19,6 +19,7 @@ demo: install
 	$(PY) bench/demo.py
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Bench-only extras (matplotlib) go into the same venv; nginx and wrk come from apt.

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from alertd import commands, config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.gen_csv import generate  # noqa: E402
 from alertd import commands, config  # noqa: E402
+
+from bench.gen_csv import generate  # noqa: E402
 
 SECRET = "whsec_ZGVtby1zZWNyZXQtZm9yLWFsZXJ0ZC1tYWtlLWRlbW8="  # demo only
 
@@ -88,7 +89,7 @@ def main() -> int:
             except commands.Unavailable:
                 if alertd.poll() is not None:
                     raise SystemExit(f"demo: alertd exited with {alertd.returncode} "
-                                     f"(see {var}/alertd.log)")
+                                     f"(see {var}/alertd.log)") from None
                 return None
         wait_for(ready, 60, "alertd to start")
         inbox = cfg.paths.inbox_dir

@@ -73,9 +73,9 @@ def wait_listening(port: int, timeout: float, proc: subprocess.Popen | None = No
                 return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"process exited with {proc.returncode} before listening")
+                raise RuntimeError(f"process exited with {proc.returncode} before listening") from None
             if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
             time.sleep(0.05)
 
 

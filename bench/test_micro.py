@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from alertd import chunker, ratelimit
 from alertd.config import CsvConfig
 from alertd.payload import Payloads

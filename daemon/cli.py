@@ -13,7 +13,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-
 from . import __version__, commands, config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AlertdError, ConfigError
 

@@ -22,6 +22,7 @@ from . import chunker, wal
 from .config import Config
 from .errors import EXIT_FAILURE, EXIT_OK, AlertdError
 
+
 class Unavailable(AlertdError):
     """The daemon's status API cannot be reached."""
 

@@ -247,7 +247,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _fail("webhook", "url", f"must be an http:// or https:// URL, got {url!r}")
     try:
-        parts.port
+        _ = parts.port  # urlsplit checks the port lazily
     except ValueError:
         raise _fail("webhook", "url", f"has a bad port: {url!r}") from None
     timeout = _num("webhook", "timeout", s.get("timeout", 10.0), positive=True)

@@ -211,7 +211,7 @@ def _own(path: Path, wait: float) -> int:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is held by another process")
+                raise BlockingIOError(errno.EWOULDBLOCK, f"{path} is held by another process") from None
             time.sleep(0.05)  # start-up only: the old owner is exiting
 
 

@@ -15,12 +15,11 @@ import time
 from collections import deque
 from multiprocessing.connection import Connection
 
-
 from . import chunker, ratelimit, wal
 from .breaker import REASON_GONE, Breaker, Gate
 from .config import Config
-from .payload import Payloads
 from .outcomes import ChunkState, Recorder
+from .payload import Payloads
 from .policy import backoff, retry_after_seconds, retryable
 from .protocol import Chunk, ChunkFailed, Drain, Outcome, Ready, Reload
 from .ratelimit import TokenBudget

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 from alertd import commands, config
+
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ class Alertd:
             for pid in self.pids():
                 os.kill(pid, signal.SIGKILL)
             self.proc.wait()
-            raise AssertionError(f"alertd did not stop within {timeout} s:\n{self.log()}")
+            raise AssertionError(f"alertd did not stop within {timeout} s:\n{self.log()}") from None
 
     def drop(self, name: str, data: bytes) -> Path:
         """Write a file the way producers should: a temporary name, then rename."""

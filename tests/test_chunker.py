@@ -5,10 +5,18 @@ import os
 from pathlib import Path
 
 import pytest
-
 from alertd import chunker
-from alertd.chunker import (BOM, BadRow, FileView, layout_for, parse, plan, read_header,
-                            read_span, rows)
+from alertd.chunker import (
+    BOM,
+    BadRow,
+    FileView,
+    layout_for,
+    parse,
+    plan,
+    read_header,
+    read_span,
+    rows,
+)
 from alertd.config import CsvConfig
 from alertd.errors import InputError
 from alertd.protocol import CsvLayout

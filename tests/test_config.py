@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from alertd import config
 from alertd.errors import ConfigError
 
@@ -40,7 +39,8 @@ def test_minimal_config_has_working_defaults(tmp_path):
     ('[webhook]\nurl = "http://x/"\n[wal]\nfsync = "sometimes"\n', "config: [wal] fsync must be"),
     ('[webhook]\nurl = "http://x/"\nsecrets = ["nope"]\n', "a secret must start with 'whsec_'"),
     ('[webhook]\nurl = "http://x/"\n[csv]\ndelimiter = ",,"\n', "config: [csv] delimiter"),
-    ('[webhook]\nurl = "http://x/"\n[status]\nlisten = "127.0.0.1:8080"\n', "config: [status] token is required"),
+    ('[webhook]\nurl = "http://x/"\n[status]\nlisten = "127.0.0.1:8080"\n',
+     "config: [status] token is required"),
     ('[webhook]\nurl = "http://x/"\n[status]\nlisten = "0.0.0.0:8080"\ntoken = "t"\n', "loopback"),
     ('[webhook\n', "invalid TOML"),
 ])

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 
-
 from bench.gen_csv import generate
 from mock_webhook.server import fails_by_hash
 from tests.helpers import get_stats, post_json

@@ -79,7 +79,7 @@ def test_chaos_kill9_ten_times(tmp_path, mock, alertd):
     kills = 0
     for _ in range(10):
         a = alertd(cfg)
-        poll(lambda: a.delivered_now() > 0 or a.summaries(), 30, "delivery to resume")
+        poll(lambda a=a: a.delivered_now() > 0 or a.summaries(), 30, "delivery to resume")
         if a.summaries():
             break
         time.sleep(rng.uniform(0.1, 1.5))  # a random moment to crash at, not a wait

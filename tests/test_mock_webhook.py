@@ -20,8 +20,15 @@ from standardwebhooks.webhooks import Webhook
 from mock_webhook import Settings, make_app
 from mock_webhook.server import fails_by_hash
 
-from .helpers import (get_stats, post_alert, post_alerts, post_json, start_mock,
-                      stop_process, wait_until)
+from .helpers import (
+    get_stats,
+    post_alert,
+    post_alerts,
+    post_json,
+    start_mock,
+    stop_process,
+    wait_until,
+)
 
 
 def new_secret() -> str:
@@ -112,7 +119,8 @@ def test_signatures_from_standardwebhooks_are_verified(mock) -> None:
     assert post_alert(port, "m1", body.encode(), good) == 200
     # Any matching entry in a space-separated list is enough (secret rotation).
     both = signed(s1, "m2", body)
-    both["webhook-signature"] = signed(other, "m2", body)["webhook-signature"] + " " + both["webhook-signature"]
+    both["webhook-signature"] = " ".join([signed(other, "m2", body)["webhook-signature"],
+                                          both["webhook-signature"]])
     assert post_alert(port, "m2", body.encode(), both) == 200
     assert post_alert(port, "m3", body.encode(), signed(other, "m3", body)) == 401
     assert post_alert(port, "m4", body.encode(), {"webhook-timestamp": good["webhook-timestamp"]}) == 401

@@ -10,9 +10,8 @@ from datetime import datetime, timezone
 
 import orjson
 import pytest
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
 from alertd.payload import Payloads
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
 def _secret() -> str:

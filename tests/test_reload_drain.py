@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 
-
 from bench.gen_csv import generate
 from tests.helpers import get_stats
 from tests.procs import Alertd, poll, write_config
@@ -32,13 +31,13 @@ def test_ten_hups_alternating_rate_limits_deliver_every_row_once(tmp_path, mock,
     generate(str(a.cfg.paths.inbox_dir / "big.csv"), 100_000, seed=9)
     for i in range(10):
         # Spread the HUPs over the job: each waits for more deliveries.
-        poll(lambda: a.status()["totals"]["delivered_live"] >= (i + 1) * 7_000, 60,
+        poll(lambda i=i: a.status()["totals"]["delivered_live"] >= (i + 1) * 7_000, 60,
              f"{(i + 1) * 7_000} deliveries before HUP {i + 1}")
         limit = 0 if i % 2 == 0 else 20000
         write_config(cfg, port, rate={"limit": limit})
         t = time.time()
         a.proc.send_signal(signal.SIGHUP)
-        poll(lambda: reloads(a) == i + 1, 10, f"reload {i + 1} to apply")
+        poll(lambda i=i: reloads(a) == i + 1, 10, f"reload {i + 1} to apply")
         st = a.status()
         assert st["reload"]["ok"] is True and st["reload"]["at"] >= t - 1
         assert st["rate"]["limit"] == limit

@@ -13,7 +13,6 @@ import httptools
 import pytest
 import uvloop
 from aiohttp import web
-
 from alertd.transport import Pool, Response, TransportError
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}

@@ -9,11 +9,19 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from alertd import wal
 from alertd.protocol import Counts
-from alertd.wal import (JobRecovery, ReplayStats, WalWriter, decode, encode_chunk, encode_row,
-                        recover, records, segments)
+from alertd.wal import (
+    JobRecovery,
+    ReplayStats,
+    WalWriter,
+    decode,
+    encode_chunk,
+    encode_row,
+    records,
+    recover,
+    segments,
+)
 
 
 def row(off: int, job: str = "j000001", ck: int = 0, out: str = "delivered", dup: bool = False,
