@@ -1,29 +1,30 @@
-"""The supervisor: claim files, dispatch chunks, reap and respawn workers, reload, drain.
+"""The supervisor: the process arbiter. Claims files, spawns, reaps and respawns workers,
+reloads, drains, talks to systemd.
 
-One process on uvloop. It hands workers chunk descriptors over pipes (at most
-PREFETCH each), so it always knows which chunks a dead worker held; it never
-touches payloads, and never calls a job final before its workers' acks say
-the outcomes are durable.
+One process on uvloop. It hands workers the chunk descriptors dispatch.py chooses, over
+pipes (at most PREFETCH each), so it always knows which chunks a dead worker held; it never
+touches payloads.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
-from . import ratelimit, signals, systemd, wal, worker
+from . import ratelimit, signals, systemd, worker
 from .breaker import Breaker
 from .config import Config
+from .dispatch import Dispatcher
 from .errors import ConfigError
-from .jobs import Job, JobStore, partial_counts
+from .jobs import JobStore
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
@@ -57,8 +58,7 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         self.shared = Shared.create(self.ctx)
         self.store = JobStore(cfg.state_dir)
-        self.jobs: dict[str, Job] = {}
-        self.finished: list[dict] = []  # summaries of jobs finished since start (last 50)
+        self.dispatch = Dispatcher(cfg.state_dir, self.store)
         self.workers: dict[int, WorkerHandle] = {}
         self.generation = 0
         self.draining = False
@@ -67,6 +67,8 @@ class Supervisor:
         self.reload_counts = {"succeeded": 0, "failed": 0}  # for /metrics
         self.started_at = time.time()
         self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failed = False
         self._watcher: InboxWatcher | None = None
         self._status: StatusServer | None = None
         self._retention = Retention(cfg.state_dir)
@@ -79,7 +81,7 @@ class Supervisor:
         inbox = cfg.paths.inbox_dir
         inbox.mkdir(parents=True, exist_ok=True)
         ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
-        self._recover()
+        await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
         signals.install(loop, self.controls)
         for _ in range(cfg.workers.count):
             self._spawn()
@@ -103,6 +105,10 @@ class Supervisor:
                 get.cancel()
         ticker.cancel()
         await self._status.stop()
+        if self._failed:
+            for w in self.workers.values():  # their outcomes are in the WALs; a restart resumes
+                w.proc.kill()
+            return 1
         log.info("alertd stopped")
         return 0
 
@@ -135,7 +141,7 @@ class Supervisor:
             self._kill_hung(now)
             pending = sum(s.pending for s in self._slots())
             extra = ["WATCHDOG=1"] if wd else []
-            systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.jobs)} jobs, "
+            systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.dispatch.jobs)} jobs, "
                                    f"{pending} pending rows")
             if n % 10 == 0 and not self.draining:
                 self._rescan()  # inotify can overflow; a rescan costs one listdir
@@ -159,19 +165,6 @@ class Supervisor:
 
     # ------------------------------------------------------------ files and jobs
 
-    def _recover(self) -> None:
-        jobs = self.store.load_unfinished(self.cfg.csv, self.cfg.workers.chunk_bytes)
-        if not jobs:
-            return
-        t = time.monotonic()
-        rec = wal.recover(self.cfg.state_dir / "wal", [j.id for j in jobs])
-        for job in jobs:
-            job.recovery = rec.get(job.id)
-            job.open_plan()
-            self.jobs[job.id] = job
-        log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
-                 time.monotonic() - t)
-
     def _on_arrival(self, path: Path) -> None:
         if self.draining or path.parent != self.cfg.paths.inbox_dir:
             return
@@ -182,42 +175,12 @@ class Supervisor:
             return
         if job is None:
             return
-        job.open_plan()
-        self.jobs[job.id] = job
-        self._maybe_finalize(job)
+        self.dispatch.add(job)
         self._pump()
 
     def _rescan(self) -> None:
         for path in scan(self.cfg.paths.inbox_dir):
             self._on_arrival(path)
-
-    def _maybe_finalize(self, job: Job) -> None:
-        if not job.final:
-            return
-        del self.jobs[job.id]
-        summary = self.store.finalize(job)
-        self.finished = (self.finished + [summary])[-50:]
-        log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d possible duplicates",
-                 job.id, summary["status"], summary["rows"], summary["delivered"],
-                 summary["rejected"], summary["dead"], summary["possible_duplicates"])
-
-    def _next_chunk(self) -> Chunk | None:
-        for job in self.jobs.values():  # oldest job first (dicts keep insertion order)
-            c = job.next_chunk()
-            if c is not None:
-                return c
-            self._maybe_finalize_later(job)
-        return None
-
-    def _maybe_finalize_later(self, job: Job) -> None:
-        # Finalizing mutates self.jobs: never during the iteration above.
-        if job.final:
-            asyncio.get_running_loop().call_soon(self._finalize_if_present, job.id)
-
-    def _finalize_if_present(self, job_id: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is not None:
-            self._maybe_finalize(job)
 
     def _pump(self) -> None:
         """Hand out chunks until every live worker holds PREFETCH or nothing is left."""
@@ -228,7 +191,7 @@ class Supervisor:
             for w in live:
                 if len(w.chunks) >= PREFETCH:
                     continue
-                c = self._next_chunk()
+                c = self.dispatch.next_chunk()
                 if c is None:
                     return
                 w.chunks[(c.job, c.seq)] = c
@@ -270,10 +233,7 @@ class Supervisor:
     def _handle_msg(self, w: WorkerHandle, msg: object) -> None:
         if isinstance(msg, ChunkAck):
             w.chunks.pop((msg.job, msg.seq), None)
-            job = self.jobs.get(msg.job)
-            if job is not None:
-                job.ack(msg.seq, msg.counts)
-                self._maybe_finalize(job)
+            self.dispatch.ack(msg.job, msg.seq, msg.counts)
             self._pump()
         elif isinstance(msg, Ready):
             w.ready = True
@@ -281,11 +241,7 @@ class Supervisor:
             self._pump()
         elif isinstance(msg, ChunkFailed):
             w.chunks.pop((msg.job, msg.seq), None)
-            job = self.jobs.get(msg.job)
-            if job is not None:
-                job.outstanding.pop(msg.seq, None)
-                job.fail(msg.reason)
-                self._maybe_finalize(job)
+            self.dispatch.chunk_failed(msg.job, msg.seq, msg.reason)
             self._pump()
 
     def _on_worker_exit(self, w: WorkerHandle) -> None:
@@ -302,7 +258,8 @@ class Supervisor:
         w.conn.close()
         self.shared.slot(w.index).pid = 0
         if w.chunks:
-            self._requeue(w)
+            held, w.chunks = list(w.chunks.values()), {}
+            self._background(self._requeue(held))
         if not (self.draining or w.retiring):
             log.error("worker %d (pid %s) exited with %s; replacing it", w.index, w.proc.pid, code)
             young = time.monotonic() - w.started < 5
@@ -313,26 +270,28 @@ class Supervisor:
             self._stopped.set()
         self._pump()
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` beside the main loop; if it fails the supervisor is no longer whole,
+        so it stops with the error rather than run half alive (systemd restarts it)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("internal error, stopping: %r", task.exception(),
+                         exc_info=task.exception())
+            self._failed = True
+            self._stopped.set()
+
     def _respawn(self) -> None:
         if not self.draining:
             self._spawn()
 
-    def _requeue(self, w: WorkerHandle) -> None:
-        """Re-run the dead worker's chunks, skipping rows its WAL already has outcomes for."""
-        rec = wal.recover(self.cfg.state_dir / "wal", {job for job, _ in w.chunks})
-        for (job_id, seq), chunk in w.chunks.items():
-            job = self.jobs.get(job_id)
-            if job is None:
-                continue
-            r = rec.get(job_id)
-            if r is not None and seq in r.chunks:
-                job.ack(seq, r.chunks[seq])  # final: its marker reached the WAL
-                self._maybe_finalize(job)
-                continue
-            done, prior = partial_counts(r.partial.get(seq, {})) if r else (frozenset(), None)
-            job.requeue(dataclasses.replace(
-                chunk, done=done | chunk.done, prior=prior if prior is not None else chunk.prior))
-        w.chunks.clear()
+    async def _requeue(self, held: list[Chunk]) -> None:
+        await self.dispatch.requeue(held)
+        self._pump()
 
     # ------------------------------------------------------------ signals
 
@@ -406,15 +365,6 @@ class Supervisor:
         """The raw /v1/status document; status.py adds rates, ETAs, RSS/CPU and totals."""
         st = self.shared.state
         now = time.monotonic()
-        jobs = []
-        for job in self.jobs.values():
-            c = job.counts
-            jobs.append({"job": job.id, "file": job.name, "bytes": job.size,
-                         "data_start": job.data_start, "started_at": job.started_at,
-                         "bytes_planned": job.bytes_planned, "bytes_done": job.bytes_done,
-                         "planned_all": job.planned_all, "chunks_done": job.chunks_done,
-                         "chunks_in_flight": len(job.outstanding), **c.as_dict(),
-                         "failed": job.failed})
         workers = []
         for w in self.workers.values():
             s = self.shared.slot(w.index)
@@ -427,7 +377,8 @@ class Supervisor:
         return {"pid": os.getpid(), "started_at": self.started_at, "draining": self.draining,
                 "config": str(self.cfg.source) if self.cfg.source else None,
                 "generation": self.generation,
-                "jobs": jobs, "finished": self.finished, "workers": workers,
+                "jobs": self.dispatch.snapshot(), "finished": self.dispatch.finished,
+                "workers": workers,
                 "rate": {"limit": st.rate, "configured_limit": self.cfg.rate.limit,
                          "burst": st.burst, "adaptive": self.cfg.rate.adaptive,
                          "paused_for": max(0.0, st.pause_until - now)},
