@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from alertd import commands, config  # noqa: E402
 
 from bench.gen_csv import generate  # noqa: E402
+from tests.procs import to_toml  # noqa: E402
 
 SECRET = "whsec_ZGVtby1zZWNyZXQtZm9yLWFsZXJ0ZC1tYWtlLWRlbW8="  # demo only
 
@@ -73,7 +74,7 @@ def main() -> int:
     var.mkdir(parents=True)
     mock, port = start_mock(var)
     cfg_path = var / "alertd.toml"
-    cfg_path.write_text("# written by `make demo`\n" + config.to_toml({
+    cfg_path.write_text("# written by `make demo`\n" + to_toml({
         "paths": {"state_dir": "state"},
         "webhook": {"url": f"http://127.0.0.1:{port}/hooks/alerts", "secrets": [SECRET]},
         "workers": {"count": args.workers}}))

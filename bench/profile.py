@@ -17,9 +17,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tests.procs import ROOT, Alertd
+
 from . import measure
-from .alertd_proc import ROOT, Alertd, write_config
 from .gen_csv import generate
+from .scenarios import bench_config
 from .sink import SAMPLE_SECRET, Nginx
 
 RESULTS = ROOT / "bench" / "results"
@@ -76,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate(str(work / "p.csv"), args.rows, seed=7)
         with Nginx(work, workers=os.cpu_count() or 2) as nginx:
-            cfg = write_config(work / "alertd-profile", nginx.url, SAMPLE_SECRET,
+            cfg = bench_config(work / "alertd-profile", nginx.url, SAMPLE_SECRET,
                                workers={"count": args.workers})
             with Alertd(cfg) as d:
                 targets = [("supervisor", d.pid)] + [
                     (f"worker-{w['index']}", w["pid"]) for w in d.status()["workers"]]
-                d.drop(work / "p.csv", "p.csv")
+                d.drop_link(work / "p.csv", "p.csv")
                 time.sleep(1.0)  # past the claim: profile the steady state
-                n0, c0 = d.delivered(), measure.cpu_split(d.pid)
+                n0, c0 = d.delivered_now(), measure.cpu_split(d.pid)
                 for name, pid in targets:
                     spies.append(_spy(exe, pid, args.seconds, "raw", work / f"{name}.txt"))
                 # One flamegraph of the first worker, for the eye.
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 spies.append(_spy(exe, targets[1][1], args.seconds, "flamegraph", svg))
                 for s in spies:
                     s.wait(args.seconds + 60)
-                n1, c1 = d.delivered(), measure.cpu_split(d.pid)
+                n1, c1 = d.delivered_now(), measure.cpu_split(d.pid)
         n = max(n1 - n0, 1)
         print(f"{n} deliveries in the profiled window; CPU µs/delivery: " + ", ".join(
             f"{k} {(c1[k] - c0[k]) / n * 1e6:.1f}" for k in c1))

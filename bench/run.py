@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tests.procs import ROOT
+
 from . import plot, report, scenarios
-from .alertd_proc import ROOT
 from .gen_csv import generate
 from .sink import Nginx, run_wrk
 

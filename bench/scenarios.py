@@ -14,9 +14,27 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tests.procs import ROOT, Alertd, write_config
+
 from . import measure
-from .alertd_proc import ROOT, Alertd, write_config
 from .sink import SAMPLE_SECRET, Nginx, wait_listening
+
+
+def bench_config(dirpath: Path, url: str, secret: str, **sections: dict[str, Any]) -> Path:
+    """alertd.toml in `dirpath` for a benchmark run: signed, no rate limit; `sections` override."""
+    return write_config(dirpath / "alertd.toml", url=url, **{
+        "webhook": {"url": url, "secrets": [secret], "timeout": 10.0},
+        "rate": {"limit": 0}, **sections})
+
+
+def first_summary(d: Alertd, timeout: float) -> dict[str, Any] | None:
+    """The first job summary, or None when `timeout` passes first (a daemon that exits raises)."""
+    try:
+        return d.wait_summaries(1, timeout)[0]
+    except AssertionError:
+        if d.proc is not None and d.proc.poll() is None:
+            return None
+        raise
 
 
 def _iso(ts: str) -> float:
@@ -26,18 +44,18 @@ def _iso(ts: str) -> float:
 def throughput(nginx: Nginx, workdir: Path, csv: Path, rows: int, workers: int,
                timeout: float) -> dict[str, Any]:
     """Drop `csv` into a fresh alertd; deliveries/s, CPU/delivery, peak RSS, a rate series."""
-    cfg = write_config(workdir / f"alertd-w{workers}", nginx.url, SAMPLE_SECRET,
+    cfg = bench_config(workdir / f"alertd-w{workers}", nginx.url, SAMPLE_SECRET,
                        workers={"count": workers})
     with Alertd(cfg) as d:
-        sampler = measure.Sampler(d.pid, progress=d.delivered).start()
+        sampler = measure.Sampler(d.pid, progress=d.delivered_now).start()
         try:
             cpu0, split0 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
-            t_drop = d.drop(csv, "bench.csv")
+            t_drop = d.drop_link(csv, "bench.csv")
             since = time.monotonic() - sampler.t0  # the plot's x axis starts at the drop
-            summary = d.wait_summary(timeout)
+            summary = first_summary(d, timeout)
             t_end = time.time()
             cpu1, split1 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
-            delivered_now = d.delivered()
+            delivered_now = d.delivered_now()
         finally:
             sampler.stop()
     out: dict[str, Any] = {"workers": workers, "rows": rows, "complete": summary is not None,
@@ -66,13 +84,13 @@ def first_request(nginx: Nginx, workdir: Path, csv: Path, label: str,
                   seconds: float) -> dict[str, Any]:
     """Rename `csv` into a running alertd's inbox; ms to the first request at the sink,
     then peak RSS over `seconds` of delivery (the file need not finish)."""
-    cfg = write_config(workdir / f"alertd-first-{label}", nginx.log_url, SAMPLE_SECRET,
+    cfg = bench_config(workdir / f"alertd-first-{label}", nginx.log_url, SAMPLE_SECRET,
                        workers={"count": 2})
     with Alertd(cfg) as d:
         nginx.truncate_log()
-        sampler = measure.Sampler(d.pid, progress=d.delivered).start()
+        sampler = measure.Sampler(d.pid, progress=d.delivered_now).start()
         try:
-            t_drop = d.drop(csv, f"{label}.csv")
+            t_drop = d.drop_link(csv, f"{label}.csv")
             first = None
             deadline = time.monotonic() + min(seconds, 30)
             while first is None and time.monotonic() < deadline:
@@ -81,7 +99,7 @@ def first_request(nginx: Nginx, workdir: Path, csv: Path, label: str,
             end = time.monotonic() + max(0.0, seconds - (time.time() - t_drop))
             while time.monotonic() < end:
                 time.sleep(0.1)
-            delivered = d.delivered()
+            delivered = d.delivered_now()
             elapsed = time.time() - t_drop
         finally:
             sampler.stop()
@@ -109,10 +127,10 @@ def rate_precision(workdir: Path, csv: Path, rate: int, seconds: float,
                             cwd=ROOT, stdout=log, stderr=log)
     try:
         wait_listening(port, 15, mock)
-        cfg = write_config(workdir / "alertd-rate", f"http://127.0.0.1:{port}/hook",
+        cfg = bench_config(workdir / "alertd-rate", f"http://127.0.0.1:{port}/hook",
                            SAMPLE_SECRET, workers={"count": 2}, rate={"limit": rate})
         with Alertd(cfg) as d:
-            d.drop(csv, "rate.csv")
+            d.drop_link(csv, "rate.csv")
             # Skip the start (claim, spawn of the first chunk): measure the steady state.
             deadline = time.monotonic() + 30
             while _mock_stats(port)["received"] == 0 and time.monotonic() < deadline:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import os
 import stat
 import tomllib
@@ -350,27 +349,6 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
                   csv=csvc, alert=alert, wal=wal, status=status, shutdown=shutdown)
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
-
-
-def to_toml(sections: dict[str, dict[str, Any]],
-            overrides: dict[str, dict[str, Any]] | None = None) -> str:
-    """Render {section: {key: value}}, with `overrides` merged key by key, as a config
-    file (for tests, benchmarks, demos)."""
-    sections = {name: dict(keys) for name, keys in sections.items()}
-    for name, keys in (overrides or {}).items():
-        sections.setdefault(name, {}).update(keys)
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
-                   + "\n" for name, keys in sections.items())
 
 
 def load(path: str | os.PathLike[str]) -> Config:

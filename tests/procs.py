@@ -1,4 +1,5 @@
-"""Running the real `alertd run` in tests: config files, start, wait, stop, kill -9.
+"""The one harness for running the real `alertd run`, in tests and in the benchmarks:
+config files, start, wait, drop files, stop, kill -9.
 
 Every wait polls a condition with a deadline; nothing sleeps to synchronise.
 """
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,21 +29,46 @@ def poll(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0
     return wait_until(pred, timeout, interval=interval, what=what)
 
 
-def write_config(path: Path, port: int, **sections: dict[str, Any]) -> Path:
-    """A config with state in <path.parent>/state; `sections` override/add keys."""
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+
+def to_toml(sections: dict[str, dict[str, Any]],
+            overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    """Render {section: {key: value}}, with `overrides` merged key by key, as a config file."""
+    sections = {name: dict(keys) for name, keys in sections.items()}
+    for name, keys in (overrides or {}).items():
+        sections.setdefault(name, {}).update(keys)
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items())
+                   + "\n" for name, keys in sections.items())
+
+
+def write_config(path: Path, port: int | None = None, *, url: str | None = None,
+                 **sections: dict[str, Any]) -> Path:
+    """A config with state in <path.parent>/state, posting to 127.0.0.1:`port` (or `url`);
+    `sections` override/add keys."""
     base: dict[str, dict[str, Any]] = {
         "paths": {"state_dir": "state"},
-        "webhook": {"url": f"http://127.0.0.1:{port}/hook", "timeout": 5.0},
+        "webhook": {"url": url or f"http://127.0.0.1:{port}/hook", "timeout": 5.0},
         "workers": {"count": 2},
         "retry": {"base_delay": 0.05, "max_delay": 1.0},
         "shutdown": {"grace": 10.0},
     }
-    path.write_text(config.to_toml(base, sections))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(base, sections))
     return path
 
 
 class Alertd:
-    """One `alertd run` process tree."""
+    """One `alertd run` process tree; as a context manager it always stops."""
 
     def __init__(self, cfg_path: Path) -> None:
         self.cfg_path = cfg_path
@@ -53,14 +80,30 @@ class Alertd:
     def state(self) -> Path:
         return self.cfg.state_dir
 
-    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Alertd:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, wait: bool = True, env: dict[str, str] | None = None,
+              timeout: float = 60) -> Alertd:
         with open(self.log_path, "a") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "alertd", "run", "--config", str(self.cfg_path)],
                 cwd=ROOT, stdout=log, stderr=log, env={**os.environ, **(env or {})})
         if wait:
-            poll(self._ready, 60, "alertd to be ready")
+            try:
+                poll(self._ready, timeout, "alertd to be ready")
+            except AssertionError:
+                self.stop()
+                raise
         return self
+
+    def __enter__(self) -> Alertd:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -104,15 +147,20 @@ class Alertd:
                              for p in pids), 10, "killed processes to vanish")
 
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (drain); a tree that does not exit in time is killed and that is an error."""
         if self.proc is None:
             return 0
+        pids = self.pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            for pid in self.pids():
-                os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait()
             raise AssertionError(f"alertd did not stop within {timeout} s:\n{self.log()}") from None
 
@@ -124,6 +172,17 @@ class Alertd:
         tmp.write_bytes(data)
         os.rename(tmp, inbox / name)
         return inbox / name
+
+    def drop_link(self, source: Path, name: str) -> float:
+        """Hard-link `source` into the inbox under a dot name, then rename it to `name` (one
+        generated file serves many runs without a copy); returns time.time() of the rename."""
+        inbox = self.cfg.paths.inbox_dir
+        inbox.mkdir(parents=True, exist_ok=True)
+        tmp = inbox / f".{name}.tmp"
+        os.link(source, tmp)
+        t = time.time()
+        os.rename(tmp, inbox / name)
+        return t
 
     def summaries(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted((self.state / "done").glob(

@@ -8,6 +8,8 @@ import pytest
 from alertd import config
 from alertd.errors import ConfigError
 
+from tests.procs import to_toml
+
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
@@ -77,7 +79,7 @@ def test_headers_and_secrets_are_kept(tmp_path):
 
 def test_to_toml_round_trips_through_load(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text(config.to_toml({
+    p.write_text(to_toml({
         "paths": {"state_dir": "s"},
         "webhook": {"url": "http://127.0.0.1:9/h", "secrets": [SECRET],
                     "headers": {"Authorization": "Bearer \"x\""}},
