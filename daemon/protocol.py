@@ -1,7 +1,8 @@
 """Everything that crosses a process boundary between supervisor and workers.
 
 Only small descriptors travel: a chunk names a byte range of a spool file,
-never its rows; an ack carries counts. Leaf module.
+never its rows; an ack carries counts. Imports only config (a Reload message carries
+the new Config), so every process can import it.
 """
 from __future__ import annotations
 
