@@ -1,8 +1,11 @@
 """Job dispatch: which chunk goes out next, and what acks, failures and dead workers mean for jobs.
 
-Owns the running jobs and the recently finished summaries. It hands out chunk descriptors
-and takes acks back; it never talks to a worker process itself (the supervisor does) and
-never calls a job final before the acks say its outcomes are durable. Re-running a dead
+Owns the running and queued jobs and the recently finished summaries. Chunks go out round
+robin over the running jobs (strict priority between levels), so a small file dropped behind
+large ones is done in seconds; at most MAX_RUNNING jobs hold an open file and a lazy plan,
+the rest wait their turn at no cost. It hands out chunk descriptors and takes acks back;
+it never talks to a worker process itself (the supervisor does) and never calls a job
+final before the acks say its outcomes are durable. Re-running a dead
 worker's chunks reads the WALs off the event loop.
 """
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from .protocol import Chunk, Counts
 log = logging.getLogger("alertd.dispatch")
 
 FINISHED_KEPT = 50  # summaries of jobs finished since start, for status
+MAX_RUNNING = 64  # jobs planned at once: each holds one descriptor and one chunk plan
+PRIORITIES = ("high", "normal", "low")  # strict order: a level runs only when those above wait
 
 
 class Dispatcher:
@@ -31,6 +37,10 @@ class Dispatcher:
         self.store = store
         self.jobs: dict[str, Job] = {}
         self.finished: list[dict] = []
+        self.priority: dict[str, str] = {}
+        self._running = {p: deque[str]() for p in PRIORITIES}  # round robin: served job at the end
+        self._queued = {p: deque[str]() for p in PRIORITIES}  # not yet planned, oldest first
+        self._promoted = 0  # how many jobs have left the queue, to notice it during a pass
 
     async def recover(self, csv: CsvConfig, chunk_bytes: int) -> None:
         """Take up the jobs a previous run left unfinished, skipping what their WALs prove."""
@@ -46,19 +56,54 @@ class Dispatcher:
         log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
                  time.monotonic() - t)
 
-    def add(self, job: Job) -> None:
-        """A claimed (or recovered) job joins the schedule; an empty one finishes at once."""
-        job.open_plan()
+    def add(self, job: Job, priority: str = "normal") -> None:
+        """A claimed (or recovered) job joins the schedule, queued until a running slot frees."""
         self.jobs[job.id] = job
-        self._finalize_if_final(job)
+        self.priority[job.id] = priority
+        self._queued[priority].append(job.id)
+        self._promote()
+
+    def state(self, job_id: str) -> str:
+        return "queued" if any(job_id in q for q in self._queued.values()) else "running"
+
+    def _promote(self) -> None:
+        """Open the plans of queued jobs, higher priority first, while slots are free."""
+        while sum(map(len, self._running.values())) < MAX_RUNNING:
+            level = next((p for p in PRIORITIES if self._queued[p]), None)
+            if level is None:
+                return
+            job = self.jobs[self._queued[level].popleft()]
+            self._running[level].append(job.id)
+            self._promoted += 1
+            job.open_plan()
+            self._finalize_if_final(job)  # an empty file is final at once
 
     def next_chunk(self) -> Chunk | None:
-        """The next chunk to hand out, oldest job first; None when nothing is ready."""
-        for job in list(self.jobs.values()):  # finalizing below removes from self.jobs
+        """The next chunk to hand out: the highest level with work, round robin inside it;
+        None when nothing is ready."""
+        while True:
+            promoted = self._promoted
+            for level in PRIORITIES:
+                c = self._serve(self._running[level])
+                if c is not None:
+                    return c
+                if self._promoted != promoted:
+                    break  # a job that finished let queued ones in, maybe above: look again
+            else:
+                return None
+
+    def _serve(self, ring: deque[str]) -> Chunk | None:
+        idle = 0
+        while idle < len(ring):
+            job = self.jobs[ring[0]]
+            ring.rotate(-1)  # served or not, it goes to the back of the ring
             c = job.next_chunk()
             if c is not None:
                 return c
-            self._finalize_if_final(job)
+            if job.final:
+                self._finalize_if_final(job)  # leaves the ring
+            else:
+                idle += 1  # waiting for acks or requeues
         return None
 
     def ack(self, job_id: str, seq: int, counts: Counts) -> None:
@@ -99,7 +144,9 @@ class Dispatcher:
         if not job.final or self.jobs.get(job.id) is not job:
             return
         del self.jobs[job.id]
+        self._running[self.priority.pop(job.id)].remove(job.id)
         summary = self.store.finalize(job)
+        self._promote()
         self.finished = (self.finished + [summary])[-FINISHED_KEPT:]
         log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d possible duplicates",
                  job.id, summary["status"], summary["rows"], summary["delivered"],
@@ -113,5 +160,6 @@ class Dispatcher:
                         "bytes_planned": job.bytes_planned, "bytes_done": job.bytes_done,
                         "planned_all": job.planned_all, "chunks_done": job.chunks_done,
                         "chunks_in_flight": len(job.outstanding), **job.counts.as_dict(),
-                        "failed": job.failed})
+                        "failed": job.failed, "state": self.state(job.id),
+                        "priority": self.priority[job.id]})
         return out
