@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--lines", type=int, default=20, help="outcomes to show first "
                    "(0 = all; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print WAL records as JSON lines")
+    p.add_argument("--job", help="only this job's records (e.g. j000042)")
+    p.add_argument("--outcome", help="only records with this outcome (delivered, rejected, dead, "
+                   "chunk, replayed, ...)")
 
     p = _sub(sub, "verify", "prove every row of a job has exactly one final outcome",
              "Re-read the job's source file (spool/ or done/) and check that every row\n"
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.status(cfg, as_json=args.json, watch=args.watch,
                                    interval=max(0.1, args.interval))
         if args.cmd == "tail":
-            return commands.tail(cfg, follow=args.follow, lines=args.lines, as_json=args.json)
+            return commands.tail(cfg, follow=args.follow, lines=args.lines, as_json=args.json,
+                                 job=args.job, outcome=args.outcome)
         if args.cmd == "verify":
             return commands.verify(cfg, args.job)
         if args.cmd == "dlq" and args.action == "replay":

@@ -5,13 +5,11 @@ Each returns an exit code (errors.py).
 """
 from __future__ import annotations
 
-import heapq
 import http.client
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import orjson
 
 from . import chunker, wal
+from . import tail as tail_mod
 from .config import Config
 from .errors import EXIT_FAILURE, EXIT_OK, AlertdError
 
@@ -158,68 +157,14 @@ def status(cfg: Config, as_json: bool = False, watch: bool = False,
 # ------------------------------------------------------------------ tail
 
 
-def _human(r: dict[str, Any]) -> str:
-    ts = datetime.fromtimestamp(r["ts"]).strftime("%H:%M:%S.%f")[:-3]
-    if r["out"] == "chunk":
-        return f"{ts} {r['job']} chunk {r['ck']} final: {r['rows']} rows"
-    extra = f" {r['err']}" if r.get("err") else ""
-    return (f"{ts} {r['job']}:{r['off']} {r['out']:9} status {r['st']} attempts {r['att']}"
-            f" user {r['uid']}{extra}")
-
-
-def tail(cfg: Config, follow: bool = False, lines: int = 20, as_json: bool = False) -> int:
+def tail(cfg: Config, follow: bool = False, lines: int = 20, as_json: bool = False,
+         job: str | None = None, outcome: str | None = None) -> int:
     """Print the last `lines` outcomes of all WALs merged by time (0 = all), then follow."""
-    wal_dir = cfg.state_dir / "wal"
-    fmt = (lambda r: orjson.dumps(r).decode()) if as_json else _human
-    offsets: dict[int, int] = {}
-    # The first pass records where it stopped in each file, so following starts exactly
-    # there: nothing written in between is skipped or printed twice.
-    merged = heapq.merge(*(_scan(p, offsets) for p in wal.segments(wal_dir)),
-                         key=lambda r: r["ts"])
-    recent: list[dict[str, Any]] = []
-    for r in merged:
-        recent.append(r)
-        if lines and len(recent) > lines * 2:
-            recent = recent[-lines:]
-    for r in recent[-lines:] if lines else recent:
-        print(fmt(r))
-    sys.stdout.flush()
-    if not follow:
-        return EXIT_OK
     try:
-        while True:
-            time.sleep(0.2)
-            batch = []
-            for p in wal.segments(wal_dir):
-                batch.extend(_scan(p, offsets))
-            for r in sorted(batch, key=lambda r: r["ts"]):
-                print(fmt(r), flush=True)
+        tail_mod.run(cfg.state_dir / "wal", lines, follow, as_json, job, outcome)
     except KeyboardInterrupt:
-        return EXIT_OK
-
-
-def _scan(path: Path, offsets: dict[int, int]) -> Iterator[dict[str, Any]]:
-    """Complete records of `path` past its offset. Offsets are keyed by inode: a rotation
-    renames worker-k.wal to worker-k.<seq>.wal (same inode, continue) and starts a new
-    worker-k.wal (new inode, from 0), so nothing repeats or goes missing."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        ino = os.fstat(f.fileno()).st_ino
-        pos = offsets.get(ino, 0)
-        f.seek(pos)
-        try:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a torn last line waits for the next round
-                pos += len(line)
-                r = wal.decode(line)
-                if r is not None:
-                    yield r
-        finally:
-            offsets[ino] = pos
+        pass
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ verify
