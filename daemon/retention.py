@@ -1,12 +1,15 @@
-"""WAL retention: rotated segments go once every job they name is final and summarised.
+"""Retention: rotated WAL segments and the source files of finished jobs.
 
-Also kept for `wal.retention` seconds after they were last written, so that
-`alertd verify` and `alertd tail` still see recent jobs. Current segments are
-never removed (their writer owns them). Runs in a thread; never raises.
+A rotated segment goes once every job it names is final and summarised, and `wal.retention`
+seconds have passed since it was last written, so that `alertd verify` and `alertd tail`
+still see recent jobs; current segments are never removed (their writer owns them). A
+finished job's source file leaves done/ `[retention] done_files` seconds after its summary
+was written; the summary and manifest stay. Runs in a thread; never raises.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ log = logging.getLogger("alertd.retention")
 
 _JOB = re.compile(rb'"job":"(j\d+)"')
 _ROTATED = re.compile(r"worker-\d+\.\d+\.wal")
+_DONE_SOURCE = re.compile(r"(j\d{6,})--.*", re.S)
 
 
 class Retention:
@@ -51,4 +55,31 @@ class Retention:
                 log.warning("WAL retention: %s: %s", path, e)
         if removed:
             log.info("WAL retention removed %d segments of finished jobs", len(removed))
+        return removed
+
+    def collect_done(self, keep_seconds: float) -> int:
+        """Remove source files in done/ whose job summary is older than `keep_seconds`;
+        returns how many went."""
+        done = self.state_dir / "done"
+        now, removed = time.time(), 0
+        try:
+            names = os.listdir(done)
+        except OSError as e:
+            log.warning("retention: %s: %s", done, e)
+            return 0
+        for name in names:
+            m = _DONE_SOURCE.fullmatch(name)
+            if m is None:
+                continue
+            try:
+                summary = (done / f"{m.group(1)}.summary.json").stat()
+                if now - summary.st_mtime >= keep_seconds:
+                    os.unlink(done / name)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # no summary yet: a move that a restart finishes
+            except OSError as e:
+                log.warning("retention: %s: %s", done / name, e)
+        if removed:
+            log.info("retention removed the source files of %d finished jobs", removed)
         return removed

@@ -31,3 +31,23 @@ def test_only_segments_of_finished_jobs_older_than_retention_go(tmp_path):
     (tmp_path / "done" / "j000002.summary.json").write_text("{}")
     assert [p.name for p in r.collect(keep_seconds=3600)] == ["worker-0.000002.wal"]
     assert (tmp_path / "wal" / "worker-0.wal").exists()
+
+
+def test_done_sources_go_after_done_files_seconds_summaries_stay(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    for j in ("j000001", "j000002"):
+        (done / f"{j}.summary.json").write_text("{}")
+        (done / f"{j}.manifest.json").write_text("{}")
+        (done / f"{j}--users list.csv").write_bytes(b"user_id\nu1\n")
+    (done / "j000003--no summary yet.csv").write_bytes(b"user_id\n")  # a move in progress
+    old = time.time() - 7200
+    os.utime(done / "j000001.summary.json", (old, old))
+    r = Retention(tmp_path)
+    assert r.collect_done(keep_seconds=3600) == 1
+    assert sorted(p.name for p in done.iterdir()) == [
+        "j000001.manifest.json", "j000001.summary.json", "j000002--users list.csv",
+        "j000002.manifest.json", "j000002.summary.json", "j000003--no summary yet.csv"]
+    assert r.collect_done(keep_seconds=0) == 1  # 0: as soon as the summary exists
+    assert not (done / "j000002--users list.csv").exists()
+    assert (done / "j000003--no summary yet.csv").exists()
