@@ -82,12 +82,20 @@ def _make_dir(path: Path, what: str, created: list[Path], parents: bool) -> None
 
 def _tighten(path: Path) -> None:
     """A folder of ours that group members may write or others may enter: 0750 at most
-    (it holds user IDs). Never called on the inbox."""
+    (it holds user IDs). Never called on the inbox. Only a folder this user owns, and
+    never a shared sticky one (a state_dir of /tmp must not turn /tmp into 1750): for
+    those, a warning says what to do."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        if mode & 0o027:
-            os.chmod(path, mode & ~0o027)
-            log.info("tightened %s from %o to %o (it holds user IDs)", path, mode, mode & ~0o027)
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o027:
+            return
+        if st.st_uid != os.geteuid() or mode & stat.S_ISVTX:
+            log.warning("%s is mode %o: others may read the user IDs in it; chmod %o it",
+                        path, mode, mode & ~0o027 & ~stat.S_ISVTX)
+            return
+        os.chmod(path, mode & ~0o027)
+        log.info("tightened %s from %o to %o (it holds user IDs)", path, mode, mode & ~0o027)
     except OSError as e:
         log.warning("cannot tighten the mode of %s: %s", path, e.strerror)
 
