@@ -6,14 +6,13 @@ modules it calls. Each subcommand takes --config.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import sys
 import tomllib
 from pathlib import Path
 
-from . import __version__, commands, config
+from . import __version__, commands, config, statedir
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AlertdError, ConfigError
 
 
@@ -108,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config) if args.cmd == "run" else _load_for_reading(args.config)
     except ConfigError as e:
-        print(f"alertd: {e}", file=sys.stderr)
+        print(f"alertd: {e}{_where_configs_come_from(args.config)}", file=sys.stderr)
         return EXIT_CONFIG
+    for w in cfg.warnings:
+        print(f"alertd: {w}", file=sys.stderr)
     try:
         if args.cmd == "run":
             return _run(cfg, args)
@@ -137,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return EXIT_CONFIG
+
+
+def _where_configs_come_from(path: str) -> str:
+    """First contact: no config at all. Say how to point at one and where an example is."""
+    if os.path.lexists(path):
+        return ""
+    return ("; point at one with --config FILE or ALERTD_CONFIG=FILE (start from the "
+            "example systemd/alertd.toml in the alertd source)")
 
 
 def _load_for_reading(path: str) -> config.Config:
@@ -171,30 +180,23 @@ def _run(cfg: config.Config, args: argparse.Namespace) -> int:
         os.environ["ALERTD_LOG_FORMAT"] = args.log_format  # workers inherit it
     level = getattr(logging, args.log_level.upper())
     setup(level, "supervisor")
+    # Outcome files hold user IDs: whatever umask the operator's shell has, nothing this
+    # daemon (or a worker, which inherits it) creates is readable by others.
+    os.umask(statedir.UMASK)
     try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(cfg.state_dir / "alertd.lock", "a")
-    except OSError as e:
-        print(f"alertd: cannot use state_dir {cfg.state_dir}: {e.strerror}", file=sys.stderr)
+        prepared = statedir.prepare(cfg)
+    except ConfigError as e:
+        print(f"alertd: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"alertd: another alertd is already running on {cfg.state_dir}", file=sys.stderr)
+    except statedir.Busy as e:
+        print(f"alertd: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    inbox = cfg.paths.inbox_dir
     try:
-        inbox.mkdir(parents=True, exist_ok=True)
-        same_fs = os.stat(inbox).st_dev == os.stat(cfg.state_dir).st_dev
-    except OSError as e:
-        print(f"alertd: config: [paths] inbox {inbox}: {e.strerror}", file=sys.stderr)
+        return uvloop.run(Supervisor(cfg, level).run())
+    except ConfigError as e:  # refused at start (e.g. the status address is taken)
+        prepared.undo()
+        print(f"alertd: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    if not same_fs:
-        # A claim is a rename into spool/: across filesystems it would fail (EXDEV).
-        print(f"alertd: config: [paths] inbox {inbox} must be on the same filesystem as "
-              f"state_dir {cfg.state_dir}", file=sys.stderr)
-        return EXIT_CONFIG
-    return uvloop.run(Supervisor(cfg, level).run())
 
 
 def _replay(cfg: config.Config, job: str | None) -> int:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import dataclasses
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     source: Path | None = None  # the file this was loaded from
+    # One line each, for the operator (e.g. secrets inline in a file others can read);
+    # not part of the value, so a reload that only changes a warning changes nothing.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def state_dir(self) -> Path:
@@ -158,6 +162,37 @@ def _bool(section: str, key: str, value: Any) -> bool:
     return value
 
 
+def _secret_str(section: str, key: str, value: Any) -> str:
+    """Like _str for a value that may be a secret: the error names its type, never the value."""
+    if not isinstance(value, str):
+        raise _fail(section, key, f"must be a string, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "true/false", int: "an integer", float: "a number", list: "an array",
+             dict: "a table"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its user:password part shown as '***', for every log line, status field
+    and error that shows a URL. It works on strings urlsplit would refuse (a bad port) and
+    errs on the safe side: everything up to the last '@' after the scheme is hidden."""
+    start = url.find("://")
+    start = start + 3 if start >= 0 else 0
+    at = url.rfind("@", start)
+    return url if at < 0 else url[:start] + "***" + url[at:]
+
+
+_URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
+
+
+def redact(text: str) -> str:
+    """Every URL in free text with its credentials hidden (see redact_url)."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def _path(section: str, key: str, value: Any, base: Path) -> Path:
     p = Path(_str(section, key, value))
     if not str(p):
@@ -179,19 +214,33 @@ def check_secret(secret: str, where: str) -> str:
 
 
 def read_secrets_file(path: Path) -> tuple[str, ...]:
-    """One secret per line; '#' comments. Refused when others may read it."""
+    """One secret per line; '#' comments. Refused when others may read it, when anyone but
+    its owner (and root) may write it, or when it is a symlink (whoever can change the link
+    chooses the keys)."""
     where = "[webhook] secrets_file"
     try:
-        st = path.stat()
+        st = path.lstat()
     except OSError as e:
         raise ConfigError(f"config: {where} {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ConfigError(f"config: {where} {path} is readable by others (mode "
-                          f"{stat.S_IMODE(st.st_mode):o}); chmod 600 it")
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"config: {where} {path} is a symlink; point at the file itself")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"config: {where} {path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"config: {where} {path} is readable by others (mode {mode:o}); "
+                          "chmod 600 it, or 640 root:alertd")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"config: {where} {path} is writable by group or others (mode "
+                          f"{mode:o}); only its owner may change the keys: chmod 600 it")
     try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config: {where} {path}: {e}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"config: {where} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {where} {path}: not UTF-8 text") from None
     lines = [ln.strip() for ln in text.splitlines()]
     return tuple(check_secret(ln, where) for ln in lines if ln and not ln.startswith("#"))
 
@@ -244,18 +293,20 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
         raise _fail("webhook", "url", "is required (e.g. url = \"http://127.0.0.1:9000/hook\")")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail("webhook", "url", f"must be an http:// or https:// URL, got {url!r}")
+        raise _fail("webhook", "url", f"must be an http:// or https:// URL, got "
+                    f"{redact_url(url)!r}")
     try:
         _ = parts.port  # urlsplit checks the port lazily
     except ValueError:
-        raise _fail("webhook", "url", f"has a bad port: {url!r}") from None
+        raise _fail("webhook", "url", f"has a bad port: {redact_url(url)!r}") from None
     timeout = _num("webhook", "timeout", s.get("timeout", 10.0), positive=True)
     secrets_raw = s.get("secrets", [])
     if isinstance(secrets_raw, str):
         secrets_raw = [secrets_raw]
     if not isinstance(secrets_raw, list):
         raise _fail("webhook", "secrets", "must be a list of 'whsec_...' strings")
-    secrets = [check_secret(_str("webhook", "secrets", x), "[webhook] secrets") for x in secrets_raw]
+    secrets = [check_secret(_secret_str("webhook", "secrets", x), "[webhook] secrets")
+               for x in secrets_raw]
     secrets_file = None
     if "secrets_file" in s:
         secrets_file = _path("webhook", "secrets_file", s["secrets_file"], base)
@@ -265,7 +316,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
         raise _fail("webhook", "headers", "must be a table of name = \"value\"")
     headers = []
     for k, v in headers_raw.items():
-        v = _str("webhook", f"headers.{k}", v)
+        v = _secret_str("webhook", f"headers.{k}", v)  # values often carry tokens
         if not k or any(c in k for c in " :\r\n\t") or any(c in v for c in "\r\n"):
             raise _fail("webhook", f"headers.{k}", "is not a valid HTTP header")
         headers.append((k, v))
@@ -337,7 +388,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
 
     s = _section(raw, "status")
     status = StatusConfig(listen=_str("status", "listen", s.get("listen", "alertd.sock")),
-                          token=_str("status", "token", s.get("token", "")))
+                          token=_secret_str("status", "token", s.get("token", "")))
     kind, _ = parse_listen(status.listen, state_dir)
     if kind == "tcp" and not status.token:
         raise _fail("status", "token", "is required when [status] listen is a TCP address")
@@ -364,4 +415,36 @@ def load(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: {p}: invalid TOML: {e}") from None
     cfg = from_dict(raw, p.resolve().parent)
-    return dataclasses.replace(cfg, source=p.resolve())
+    return dataclasses.replace(cfg, source=p.resolve(), warnings=_exposed_secrets(p, raw, cfg))
+
+
+_SECRET_HEADER = ("auth", "token", "key", "secret", "cookie", "session", "password")
+
+
+def _inline_secrets(raw: dict[str, Any], cfg: Config) -> list[str]:
+    """Where the file itself (not secrets_file) holds a secret, as `[section] key` names."""
+    where = []
+    if raw.get("webhook", {}).get("secrets"):
+        where.append("[webhook] secrets")
+    if urlsplit(cfg.webhook.url).username is not None:
+        where.append("[webhook] url (credentials)")
+    where += [f"[webhook.headers] {k}" for k, _ in cfg.webhook.headers
+              if any(w in k.lower() for w in _SECRET_HEADER)]
+    if cfg.status.token:
+        where.append("[status] token")
+    return where
+
+
+def _exposed_secrets(path: Path, raw: dict[str, Any], cfg: Config) -> tuple[str, ...]:
+    """A warning when a file others can read holds secrets inline. Not refused (a demo on
+    a laptop may not care), but said once, at start and at each reload."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return ()
+    where = _inline_secrets(raw, cfg) if mode & stat.S_IROTH else []
+    if not where:
+        return ()
+    return (f"config: warning: {path} is readable by others (mode {mode:o}) and holds "
+            f"secrets inline ({', '.join(where)}): chmod 640 it, or move them out "
+            f"(signing secrets to [webhook] secrets_file)",)

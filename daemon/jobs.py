@@ -24,7 +24,7 @@ from . import chunker
 from .config import CsvConfig
 from .errors import InputError
 from .protocol import Chunk, Counts, CsvLayout, Outcome
-from .wal import JobRecovery, fsync_dir
+from .wal import JobRecovery, fsync_dir, open_private
 
 log = logging.getLogger("alertd.jobs")
 
@@ -40,7 +40,7 @@ def iso(ts: float) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """tmp + fsync + rename + fsync(dir): the file is either old or new after a crash."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # 0640 even over a leftover tmp file
     try:
         os.write(fd, data)
         os.fsync(fd)

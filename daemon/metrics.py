@@ -1,43 +1,42 @@
-"""Prometheus text exposition (format 0.0.4) of an enriched status document.
+"""Prometheus text exposition (format 0.0.4, written by prometheus_client) of an enriched
+status document.
 
 Pure function of the document status.py builds: no state, no I/O. Labels are
 bounded (outcome, result, worker index, active job); never a secret or a URL.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 OUTCOMES = ("delivered", "rejected", "dead", "possible_duplicates")
 BREAKER = {"closed": 0, "open": 1}  # while open, probes go out: no separate half-open state
 
-
-def _esc(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: dict[str, object]) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
-
-
-def _num(v: float | int | None) -> str:
-    if v is None:
-        return "NaN"
-    return repr(float(v)) if isinstance(v, float) else str(v)
+Samples = list[tuple[dict[str, object], "float | int | None"]]
 
 
 class _Out:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+    """The families of one document, as prometheus_client's collector interface wants them:
+    escaping, number formatting and the text format are the library's, not ours."""
 
-    def family(self, name: str, kind: str, help_: str,
-               samples: list[tuple[dict[str, object], float | int | None]]) -> None:
-        self.lines.append(f"# HELP {name} {help_}")
-        self.lines.append(f"# TYPE {name} {kind}")
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def family(self, name: str, kind: str, help_: str, samples: Samples) -> None:
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        names = sorted({k for labels, _ in samples for k in labels})
+        fam = cls(name, help_, labels=names)
         for labels, value in samples:
-            self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+            fam.add_metric([str(labels[k]) for k in names],
+                           math.nan if value is None else float(value))
+        self.families.append(fam)
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -101,4 +100,4 @@ def render(doc: dict[str, Any]) -> str:
     o.family("alertd_draining", "gauge", "1 while stopping.", [({}, int(doc["draining"]))])
     o.family("alertd_start_time_seconds", "gauge", "Unix time the daemon started.",
              [({}, float(doc["started_at"]))])
-    return "\n".join(o.lines) + "\n"
+    return generate_latest(o).decode()

@@ -10,6 +10,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ def replay(cfg: Config, job: str | None = None) -> list[Result]:
     """Replay the DLQ of `job`, or of every finished job; returns per-job results."""
     jobs = _dlq_jobs(cfg, job)
     wal_dir = cfg.state_dir / "wal"
-    wal_dir.mkdir(parents=True, exist_ok=True)
+    wal_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     return asyncio.run(_replay(cfg, jobs))
 
 
@@ -99,8 +100,17 @@ async def _replay_job(cfg: Config, job: str, sender: _Sender, writer: wal.WalWri
 
 
 def _rewrite(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace the DLQ atomically, keeping its mode (0640 at most: it holds user IDs,
+    whatever the umask of the shell running the replay) and, where allowed, its owner."""
+    st = os.stat(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o640)
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)  # root replaying the service's files
+        except PermissionError:
+            pass
         for e in entries:
             f.write(orjson.dumps(e) + b"\n")
         f.flush()

@@ -11,6 +11,8 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+from .wal import open_private
+
 MAX_OPEN = 32  # file descriptors kept open; jobs rarely overlap more than this
 
 
@@ -25,8 +27,8 @@ class SideLog:
         fd = self._fds.get(key)
         if fd is None:
             path = self._state_dir / kind / f"{job}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND)  # user IDs: 0640 at most
             self._fds[key] = fd
             if len(self._fds) > MAX_OPEN:
                 _, old = self._fds.popitem(last=False)

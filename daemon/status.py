@@ -3,16 +3,23 @@
 It only reads the snapshot the supervisor builds and adds what needs history
 (rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state.
 A TCP listener demands the configured bearer token for everything but /healthz.
+Each listener is bounded: MAX_CONNECTIONS at once, FIRST_REQUEST_TIMEOUT to send a
+request, KEEPALIVE_TIMEOUT idle between requests.
 """
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import hmac
 import logging
 import os
+import socket
+import stat
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,6 +28,7 @@ from aiohttp import web
 
 from . import __version__, metrics
 from .config import Config
+from .errors import ConfigError
 
 log = logging.getLogger("alertd.status")
 
@@ -142,14 +150,91 @@ class Sampler:
             return {"rss_bytes": None, "cpu_percent": None}
 
 
+MAX_CONNECTIONS = 64  # per listener; past it a new connection gets a 503 and is closed
+FIRST_REQUEST_TIMEOUT = 10.0  # seconds a connection may stay open before its first request
+KEEPALIVE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Content-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+         b'{"error": "too many conns"}')
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(_BUSY)  # type: ignore[attr-defined]
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """One accepted connection, handed to aiohttp's handler: counted against the limit
+    while open, and closed if no complete request head arrives in FIRST_REQUEST_TIMEOUT
+    (aiohttp would keep it for its keep-alive time, and an idle crowd of them would use up
+    the supervisor's file descriptors, which claims and WALs need)."""
+
+    def __init__(self, gate: _Gate, inner: asyncio.Protocol) -> None:
+        self._gate = gate
+        self._inner = inner
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._timer = asyncio.get_running_loop().call_later(
+            self._gate.first_request, self._first_request_due, transport)
+        self._inner.connection_made(transport)
+
+    def _first_request_due(self, transport: asyncio.BaseTransport) -> None:
+        # aiohttp counts request heads it has parsed; no public way to ask
+        if not getattr(self._inner, "_request_count", 0):
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._gate.open -= 1
+        self._inner.connection_lost(exc)
+
+
+class _Gate:
+    """The protocol factory of a listener: at most `limit` connections at once."""
+
+    def __init__(self, server: web.Server, limit: int, first_request: float) -> None:
+        self.server = server
+        self.limit = limit
+        self.first_request = first_request
+        self.open = 0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.open >= self.limit:
+            self.refused += 1
+            return _Refused()
+        self.open += 1
+        return _Counted(self, self.server())
+
+
 class StatusServer:
     def __init__(self, cfg: Config, snapshot: Callable[[], dict[str, Any]]) -> None:
         self._cfg = cfg
         self._snapshot = snapshot
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._kind, self._addr = cfg.status_address()
+        # Hashes compare in constant time whatever the lengths (compare_digest leaks a
+        # length mismatch at once).
+        self._want = hashlib.sha256(f"Bearer {cfg.status.token}".encode()).digest()
         self.sampler = Sampler()
         self._task: asyncio.Task[None] | None = None
+        self.gate: _Gate | None = None
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth] if self._kind == "tcp" else [])
@@ -161,9 +246,10 @@ class StatusServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         if request.path != "/healthz":
-            want = f"Bearer {self._cfg.status.token}"
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), want.encode()):
+            # aiohttp keeps undecodable header bytes as surrogates: encode them back, so
+            # any malformed value is simply a wrong token (401), never an exception (500).
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
                 return web.json_response({"error": "unauthorized"}, status=401,
                                          headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
         return await handler(request)
@@ -194,37 +280,83 @@ class StatusServer:
             except Exception:  # a status glitch must never take the daemon down
                 log.exception("status sampler failed")
 
+    def where(self) -> str:
+        if self._kind == "unix":
+            return str(self._addr)
+        host, port = self._addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     async def start(self) -> None:
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
+        """Listen; raises ConfigError (the start is refused) when the address is taken."""
+        loop = asyncio.get_running_loop()
         if self._kind == "unix":
-            path = str(self._addr)
-            try:
-                os.unlink(path)  # a stale socket from a crashed run
-            except FileNotFoundError:
-                pass
-            site: web.BaseSite = web.UnixSite(self._runner, path)
-        else:
-            host, port = self._addr
-            site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        if self._kind == "unix":
-            os.chmod(str(self._addr), 0o660)
-        self._task = asyncio.get_running_loop().create_task(self._sample())
-        log.info("status API on %s", self._addr)
+            _take_socket_path(self._addr)
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=KEEPALIVE_TIMEOUT)
+        await runner.setup()
+        assert runner.server is not None
+        self.gate = _Gate(runner.server, MAX_CONNECTIONS, FIRST_REQUEST_TIMEOUT)
+        try:
+            if self._kind == "unix":
+                self._server = await loop.create_unix_server(self.gate, str(self._addr))
+                os.chmod(str(self._addr), 0o660)
+            else:
+                host, port = self._addr
+                self._server = await loop.create_server(self.gate, host, port)
+        except OSError as e:
+            await runner.cleanup()
+            why = "address already in use (another process listens there)" \
+                if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ConfigError(f"config: [status] listen {self.where()}: {why}") from None
+        self._runner = runner
+        self._task = loop.create_task(self._sample())
+        log.info("status API on %s (at most %d connections)", self.where(), MAX_CONNECTIONS)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections still open
             self._runner = None
         if self._kind == "unix":
             try:
                 os.unlink(str(self._addr))
             except FileNotFoundError:
                 pass
+
+
+def _take_socket_path(path: Path) -> None:
+    """A socket file left by a crashed run is replaced; one a live process answers on is
+    not (taking it over would leave that daemon unreachable): ConfigError."""
+    where = f"config: [status] listen {path}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{where} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass  # nobody listens: stale
+    except OSError as e:  # a full backlog or no permission: someone is there
+        raise ConfigError(f"{where}: in use ({e.strerror or e}); give this daemon its own "
+                          f"[status] listen") from None
+    else:
+        raise ConfigError(f"{where}: another process (another alertd?) answers on it; give "
+                          f"this daemon its own [status] listen")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _dumps(obj: Any) -> str:

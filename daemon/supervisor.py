@@ -78,8 +78,11 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.cfg
-        inbox = cfg.paths.inbox_dir
-        inbox.mkdir(parents=True, exist_ok=True)
+        inbox = cfg.paths.inbox_dir  # made (or refused) by statedir.prepare
+        # The listener first: if its address is taken the start is refused (ConfigError)
+        # before a worker, a claim or a WAL exists, so nothing is left to clean up.
+        self._status = StatusServer(cfg, self.snapshot)
+        await self._status.start()
         ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
         await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
         signals.install(loop, self.controls)
@@ -88,8 +91,6 @@ class Supervisor:
         self._watcher = InboxWatcher(inbox, self._on_arrival, self._rescan)
         self._watcher.start(loop)
         self._rescan()
-        self._status = StatusServer(cfg, self.snapshot)
-        await self._status.start()
         await self._wait_ready()
         systemd.notify("READY=1", f"STATUS=watching {inbox}")
         log.info("alertd ready: %d workers, watching %s", cfg.workers.count, inbox)
@@ -301,10 +302,13 @@ class Supervisor:
         try:
             new = config_mod.load(path)
         except ConfigError as e:
-            log.error("reload failed, keeping the running config: %s", e)
-            self._reload_done(False, str(e))
+            error = config_mod.redact(str(e))  # ConfigError never quotes secrets: belt and braces
+            log.error("reload failed, keeping the running config: %s", error)
+            self._reload_done(False, error)
             systemd.notify("READY=1")
             return
+        for w in new.warnings:
+            log.warning("%s", w)
         old, self.cfg = self.cfg, new
         if new.paths != old.paths or new.status != old.status:
             log.warning("reload: [paths] and [status] apply only at restart")

@@ -13,6 +13,7 @@ import fcntl
 import mmap
 import os
 import re
+import stat
 import time
 import zlib
 from collections.abc import Collection, Iterator
@@ -32,6 +33,18 @@ _dumps = orjson.dumps
 _crc32 = zlib.crc32
 _join = b"".join  # measured faster than %-formatting the tail on 3.11
 
+
+FILE_MODE = 0o640  # WALs hold user IDs: never readable by others, whatever the umask
+
+
+def open_private(path: Path, flags: int) -> int:
+    """os.open(path, flags | O_CREAT) at FILE_MODE or stricter, also when the file already
+    existed with a looser mode (made by an older version or by hand)."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & ~FILE_MODE:
+        os.fchmod(fd, mode & FILE_MODE)
+    return fd
 
 def encode_row(job: str, ck: int, off: int, out: str, status: int, attempts: int, dup: bool,
                uid: str, ts: float, err: str | None = None) -> bytes:
@@ -202,7 +215,7 @@ def _describe(e: OSError) -> str:
 
 def _own(path: Path, wait: float) -> int:
     """An exclusive flock held as long as the returned fd is open (the process's life)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_private(path, os.O_RDWR)
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -263,13 +276,13 @@ class WalWriter:
     def open(self, wait: float = 30.0) -> None:
         """Take this worker index's WAL (waiting up to `wait` s for a previous owner, e.g.
         a worker of a killed supervisor, to exit) and repair a torn tail."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._owner = _own(self.dir / f"worker-{self.worker}.lock", wait)
         for p in segments(self.dir):
             m = _NAME.fullmatch(p.name)
             if m and int(m.group(1)) == self.worker and m.group(2) is not None:
                 self._seq = max(self._seq, int(m.group(2)))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         self._size = self._good_length()
         if self._size != os.fstat(self._fd).st_size:
             # Only this worker writes this file: a torn tail is our own crash, cut it so
@@ -403,7 +416,7 @@ class WalWriter:
             os.rename(self.path, self.dir / f"worker-{self.worker}.{self._seq + 1:06d}.wal")
             self._seq += 1
             self._renamed = True
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = open_private(self.path, os.O_WRONLY | os.O_APPEND)
         old, self._fd = self._fd, fd
         self._size = 0
         self._renamed = False

@@ -126,3 +126,18 @@ def test_status_watch_redraws_until_interrupted(daemon):
         w.send_signal(signal.SIGINT)
         assert w.wait(10) == 0
     os.kill(a.proc.pid, 0)
+
+
+def test_inline_secrets_in_a_world_readable_config_are_one_warning_line(tmp_path):
+    token = "tok-cli-9e1f7a3b5c"
+    cfg = write_config(tmp_path / "a.toml", 1, status={"listen": "127.0.0.1:1", "token": token})
+    os.chmod(cfg, 0o644)
+    r = alertd_cli("status", "--config", str(cfg))
+    assert r.returncode == 3
+    warning, unreachable = r.stderr.splitlines()
+    assert warning == (f"alertd: config: warning: {cfg} is readable by others (mode 644) and "
+                       "holds secrets inline ([status] token): chmod 640 it, or move them out "
+                       "(signing secrets to [webhook] secrets_file)")
+    assert "cannot reach alertd" in unreachable and token not in r.stderr
+    os.chmod(cfg, 0o640)
+    assert alertd_cli("status", "--config", str(cfg)).stderr.count("warning") == 0

@@ -88,3 +88,69 @@ def test_to_toml_round_trips_through_load(tmp_path):
     assert c.webhook.secrets == (SECRET,)
     assert c.webhook.headers == (("Authorization", 'Bearer "x"'),)
     assert (c.rate.limit, c.rate.adaptive) == (2000.0, True)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://alice:pw-9f3@h.example/hook", "http://***@h.example/hook"),
+    ("https://tok-only@h.example:8443/p?q=1", "https://***@h.example:8443/p?q=1"),
+    ("http://u:p@ss/w#rd@h:99999/x", "http://***@h:99999/x"),  # unencoded: still hidden
+    ("http://h.example/hook", "http://h.example/hook"),
+])
+def test_redact_url_hides_credentials(url, shown):
+    assert config.redact_url(url) == shown
+    assert config.redact(f"reload failed: got {url!r} there") == f"reload failed: got {shown!r} there"
+
+
+@pytest.mark.parametrize("text, names, secret", [
+    ('[webhook]\nurl = "http://alice:pw-9f3a@127.0.0.1:99999/"\n', "[webhook] url has a bad port",
+     "pw-9f3a"),
+    ('[webhook]\nurl = "ftp://alice:pw-9f3a@127.0.0.1/"\n', "[webhook] url must be", "pw-9f3a"),
+    ('[webhook]\nurl = "http://x/"\n[status]\ntoken = 918273645\n',
+     "[status] token must be a string, got an integer", "918273645"),
+    ('[webhook]\nurl = "http://x/"\nsecrets = [918273645]\n', "[webhook] secrets must be a string",
+     "918273645"),
+    ('[webhook]\nurl = "http://x/"\n[webhook.headers]\nAuthorization = 918273645\n',
+     "[webhook] headers.Authorization must be a string", "918273645"),
+])
+def test_errors_never_echo_a_secret_bearing_value(tmp_path, text, names, secret):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text)
+    assert names in str(e.value) and secret not in str(e.value)
+
+
+def test_secrets_file_must_not_be_a_symlink_or_writable_by_others(tmp_path):
+    real = tmp_path / "real-secrets"
+    real.write_text(SECRET + "\n")
+    real.chmod(0o600)
+    link = tmp_path / "secrets"
+    link.symlink_to(real)
+    text = f'[webhook]\nurl = "http://x/"\nsecrets_file = "{link}"\n'
+    with pytest.raises(ConfigError, match=f"secrets_file {link} is a symlink"):
+        load(tmp_path, text)
+    link.unlink()
+    real.rename(link)
+    for mode in (0o620, 0o602):
+        link.chmod(mode)
+        with pytest.raises(ConfigError, match=f"secrets_file {link} is writable by group or others"):
+            load(tmp_path, text)
+    link.chmod(0o640)
+    assert load(tmp_path, text).webhook.secrets == (SECRET,)
+
+
+def test_inline_secrets_in_a_world_readable_config_warn(tmp_path):
+    p = tmp_path / "a.toml"
+    p.write_text(f'[webhook]\nurl = "http://u:pw@x/"\nsecrets = ["{SECRET}"]\n'
+                 '[webhook.headers]\nAuthorization = "Bearer abc"\nX-Trace = "1"\n'
+                 '[status]\ntoken = "t0k"\n')
+    p.chmod(0o644)
+    [w] = config.load(p).warnings
+    assert f"{p} is readable by others (mode 644)" in w and "chmod 640" in w
+    for where in ("[webhook] secrets", "[webhook] url", "[webhook.headers] Authorization",
+                  "[status] token"):
+        assert where in w
+    assert "X-Trace" not in w and SECRET not in w and "abc" not in w and "t0k" not in w
+    p.chmod(0o640)
+    assert config.load(p).warnings == ()
+    p.write_text('[webhook]\nurl = "http://x/"\n')
+    p.chmod(0o644)
+    assert config.load(p).warnings == ()  # nothing secret in it: nothing to say

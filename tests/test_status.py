@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -197,3 +199,45 @@ def test_openapi_file_is_consistent() -> None:
     for name in OPENAPI["components"]["schemas"]:
         jsonschema.Draft202012Validator.check_schema(json_schema(name))
     assert Path(ROOT / "daemon" / "status.py").read_text().count("add_get(") == 3
+
+
+def test_failed_reload_never_shows_a_url_password_or_a_token(running):
+    """A HUP whose new config fails to load: the error names the key in the log and in
+    /v1/status, with URL credentials hidden and no secret-bearing value echoed."""
+    a, port, mport = running
+    good = a.cfg_path.read_text()
+    password, number = "pw-4c1e9b7d2a", "918273645012"
+    cases = [(f'url = "http://alice:{password}@127.0.0.1:99999/hook"',
+              "[webhook] url has a bad port: 'http://***@127.0.0.1:99999/hook'"),
+             (f'url = "ftp://alice:{password}@127.0.0.1/hook"',
+              "[webhook] url must be an http:// or https:// URL, got 'ftp://***@127.0.0.1/hook'")]
+    for n, (line, shown) in enumerate(cases, 1):
+        a.cfg_path.write_text(re.sub(r'(?m)^url = .*$', line, good))
+        a.proc.send_signal(signal.SIGHUP)
+        st = poll(lambda n=n: (d := json.loads(get(port, "/v1/status", TOKEN)[2]))["reload"]
+                  ["failed"] == n and d, 10, "the reload to fail")
+        assert shown in st["reload"]["error"]
+    a.cfg_path.write_text(good.replace(f'token = "{TOKEN}"', f"token = {number}"))
+    a.proc.send_signal(signal.SIGHUP)
+    st = poll(lambda: (d := json.loads(get(port, "/v1/status", TOKEN)[2]))["reload"]
+              ["failed"] == 3 and d, 10, "the reload to fail")
+    assert "[status] token must be a string, got an integer" in st["reload"]["error"]
+    everything = json.dumps(st) + get(port, "/metrics", TOKEN)[2]
+    a.cfg_path.write_text(good)
+    a.stop()
+    everything += a.log()
+    assert "***@127.0.0.1:99999" in everything
+    for secret in (password, number, TOKEN, SECRET[6:], HEADER_SECRET.split()[1]):
+        assert secret not in everything, secret
+
+
+def test_metrics_library_is_a_runtime_dependency() -> None:
+    """/metrics is written by prometheus_client, so a production install (which drops the
+    test part of requirements.txt) must get it."""
+    import tomllib
+
+    runtime = (ROOT / "requirements.txt").read_text().split("\n# tests")[0].splitlines()
+    assert any(ln.startswith("prometheus_client==") for ln in runtime)
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.startswith("prometheus_client") for d in deps)
+    assert "from prometheus_client" in (ROOT / "daemon" / "metrics.py").read_text()
