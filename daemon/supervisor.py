@@ -103,6 +103,7 @@ class Supervisor:
                 get.cancel()
         ticker.cancel()
         await self._status.stop()
+        self.shared.release()
         log.info("alertd stopped")
         return 0
 
