@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-VAR=$ROOT/var/nspawn
+VAR=${ALERTD_NSPAWN_CACHE:-$ROOT/var/nspawn}  # tree, wheelhouse, results
 TREE=$VAR/bookworm
 WHEELS=$VAR/wheels
 OUT=$VAR/out
@@ -77,7 +77,8 @@ CA=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 sed '/^# tests/,$d' requirements.txt >"$VAR/requirements-run.txt"
 want="$(sha256sum "$VAR/requirements-run.txt" | cut -c1-16)"
 if [ "$(cat "$WHEELS/.alertd-wheels" 2>/dev/null)" != "$want" ]; then
-    say "building the wheelhouse $WHEELS"
+    say "building the wheelhouse $WHEELS (cached for later runs)"
+    t=$(now)
     rm -rf "$WHEELS" "$WHEELS.tmp"
     mkdir -p "$WHEELS.tmp"
     cp "$VAR/requirements-run.txt" "$WHEELS.tmp/"
@@ -91,6 +92,7 @@ if [ "$(cat "$WHEELS/.alertd-wheels" 2>/dev/null)" != "$want" ]; then
     fi
     echo "$want" >"$WHEELS.tmp/.alertd-wheels"
     mv "$WHEELS.tmp" "$WHEELS"
+    say "the wheelhouse took $(($(now) - t)) s"
 fi
 
 rm -rf "$OUT"
