@@ -292,6 +292,27 @@ def reload_broken(mock: Mock) -> None:
         write_config(mock.port, 500)
 
 
+def reload_unreadable_secrets(mock: Mock) -> None:
+    """root's `alertd reload` can read a secrets file the service cannot: the command's own
+    check passes, the daemon refuses, and the command says why (exit 1)."""
+    rotated = CONF_DIR / "secrets.root-only"
+    rotated.write_text(SECRET + "\n")
+    rotated.chmod(0o600)  # root:root: not the service's to read
+    text = CONF.read_text()
+    CONF.write_text(text.replace(str(SECRETS), str(rotated)))
+    try:
+        r = run(str(ALERTD), "reload", "--config", str(CONF), timeout=60)
+        expect(r.returncode == 1 and "reload failed, the daemon keeps its running config: "
+               f"config: [webhook] secrets_file {rotated}" in r.stderr
+               and "Permission denied" in r.stderr, f"exit {r.returncode}: {r.stderr.strip()}")
+        st = status()
+        expect(active() == "active" and st and st["reload"]["ok"] is False
+               and st["rate"]["configured_limit"] == 500, f"after the refused reload: {st}")
+    finally:
+        write_config(mock.port, 500)
+        rotated.unlink()
+
+
 def worker_crash() -> str:
     st = status()
     expect(st, "no status")
@@ -372,6 +393,8 @@ def main() -> int:
               lambda: reload_good(mock))
         check("reload: a broken config -> non-zero, unit active on the old config",
               lambda: reload_broken(mock))
+        check("reload as root: secrets the service cannot read -> exit 1 with the daemon's "
+              "reason", lambda: reload_unreadable_secrets(mock))
         check("worker crash: kill -9 a worker, the supervisor replaces it", worker_crash)
         check("stop: systemctl stop, nothing SIGKILLed, exit 0", stop)
         if not check("start again", start):
