@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean install-systemd
+.PHONY: install demo test bench clean install-systemd test-systemd
 
 install: $(STAMP)
 
@@ -41,28 +41,45 @@ bench: install $(BENCH_STAMP)
 clean:
 	rm -rf var .pytest_cache .benchmarks bench/results
 
-# Production install (as root; never run by the tests): the package into its own
-# venv under $(PREFIX), a system user, the unit, the example config (kept if present).
+# Production install (as root; never run by `make test`): the package into its own venv
+# under $(PREFIX), the service user and groups, the unit, the example config (kept if
+# present). mock_webhook is a test tool and stays in the checkout. PIP_OPTS passes pip
+# options, e.g. "--no-index --find-links DIR" for an offline wheelhouse (make test-systemd).
 PREFIX     ?= /opt/alertd
 UNIT_DIR   ?= /etc/systemd/system
 CONF_DIR   ?= /etc/alertd
 STATE_DIR  ?= /var/lib/alertd
+PRODUCERS  ?= alertd-producers
+PIP_OPTS   ?=
 
 install-systemd:
 	install -d $(PREFIX)/src
-	cp -r daemon mock_webhook pyproject.toml requirements.txt README.md $(PREFIX)/src/
+	rm -rf $(PREFIX)/src/daemon $(PREFIX)/src/mock_webhook $(PREFIX)/src/build
+	cp -r daemon pyproject.toml requirements.txt README.md $(PREFIX)/src/
 	$(PYTHON) -m venv $(PREFIX)/.venv
-	sed "/^# tests/,$$$$d" requirements.txt > $(PREFIX)/src/requirements-run.txt
-	$(PREFIX)/.venv/bin/pip install --quiet -r $(PREFIX)/src/requirements-run.txt
-	$(PREFIX)/.venv/bin/pip install --quiet --no-deps $(PREFIX)/src
+	@# Runtime pins only: everything from the "# tests" line on is for the checkout.
+	sed '/^# tests/,$$d' requirements.txt > $(PREFIX)/src/requirements-run.txt
+	$(PREFIX)/.venv/bin/pip install --quiet $(PIP_OPTS) -r $(PREFIX)/src/requirements-run.txt
+	$(PREFIX)/.venv/bin/pip install --quiet $(PIP_OPTS) --no-deps $(PREFIX)/src
 	getent group alertd >/dev/null || groupadd --system alertd
+	getent group $(PRODUCERS) >/dev/null || groupadd --system $(PRODUCERS)
 	getent passwd alertd >/dev/null || useradd --system --gid alertd --home-dir $(STATE_DIR) \
 		--no-create-home --shell /usr/sbin/nologin alertd
-	install -d -m 0750 -o alertd -g alertd $(STATE_DIR)
-	install -d -m 2770 -o alertd -g alertd $(STATE_DIR)/inbox
+	@# 0751: producers pass through to the inbox; 3770: setgid (files are the producers'
+	@# group, which the service reads through) + sticky (only a file's owner, or alertd as
+	@# the directory's owner, may rename or delete it).
+	install -d -m 0751 -o alertd -g alertd $(STATE_DIR)
+	install -d -m 3770 -o alertd -g $(PRODUCERS) $(STATE_DIR)/inbox
 	install -d -m 0750 -o root -g alertd $(CONF_DIR)
 	test -e $(CONF_DIR)/alertd.toml || install -m 0640 -o root -g alertd systemd/alertd.toml $(CONF_DIR)/alertd.toml
 	sed 's#/opt/alertd#$(PREFIX)#g' systemd/alertd.service > $(UNIT_DIR)/alertd.service
 	chmod 0644 $(UNIT_DIR)/alertd.service
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed: edit $(CONF_DIR)/alertd.toml, then: systemctl enable --now alertd"
+	@echo "producers: usermod -aG $(PRODUCERS) USER (never the alertd group: it reads the secrets)"
+
+# Boot test (as root): systemd as PID 1 in a systemd-nspawn container over a cached
+# Debian bookworm tree (var/nspawn), `make install-systemd` inside, then start, deliver,
+# reload, crash, watchdog and stop checks. Prints one PASS/FAIL line per check.
+test-systemd:
+	bash tests/systemd/boot-test.sh

@@ -1,4 +1,4 @@
-"""`alertd` command line: run, status, tail, verify, dlq.
+"""`alertd` command line: run, reload, status, tail, verify, dlq.
 
 Maps errors to exit codes (see errors.py); everything else lives in the
 modules it calls. Each subcommand takes --config.
@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (default; '<N>' journald priorities when JOURNAL_STREAM is set) "
                    "or json (one object per line)")
 
+    p = _sub(sub, "reload", "validate the config, send HUP to the daemon, wait for its result",
+             "Load --config exactly as `run` does (a bad file: exit 2 with the error, nothing\n"
+             "is sent), send HUP to the daemon whose status API ([status] listen) answers\n"
+             "(its pid comes from /v1/status), and wait for that daemon's reload result.\n"
+             "Exit 0 once the new config is live, 1 with the daemon's reason when it kept\n"
+             "the running config, 3 when no daemon answers. systemd's ExecReload runs it.")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's result (default %(default)s)")
+
     p = _sub(sub, "status", "show jobs, workers, rate limiter, breaker, last reload",
              "Ask the running daemon's status API ([status] listen) and print a table:\n"
              "a progress bar, counts, rate and ETA per job, then RSS, CPU and requests\n"
@@ -105,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config.load(args.config) if args.cmd == "run" else _load_for_reading(args.config)
+        strict = args.cmd in ("run", "reload")
+        cfg = config.load(args.config) if strict else _load_for_reading(args.config)
     except ConfigError as e:
         print(f"alertd: {e}{_where_configs_come_from(args.config)}", file=sys.stderr)
         return EXIT_CONFIG
@@ -114,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "run":
             return _run(cfg, args)
+        if args.cmd == "reload":
+            return commands.reload(cfg, timeout=max(0.1, args.timeout))
         if args.cmd == "status":
             return commands.status(cfg, as_json=args.json, watch=args.watch,
                                    interval=max(0.1, args.interval))

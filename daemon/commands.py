@@ -1,12 +1,13 @@
-"""The operator commands besides `run`: status, tail, verify, dlq list.
+"""The operator commands besides `run`: status, reload, tail, verify, dlq list.
 
-They read the state directory and the status API; they never change a job.
-Each returns an exit code (errors.py).
+They read the state directory and the status API; they never change a job
+(reload only signals the daemon). Each returns an exit code (errors.py).
 """
 from __future__ import annotations
 
 import http.client
 import os
+import signal
 import socket
 import sys
 import time
@@ -19,7 +20,7 @@ import orjson
 from . import chunker, wal
 from . import tail as tail_mod
 from .config import Config
-from .errors import EXIT_FAILURE, EXIT_OK, AlertdError
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AlertdError
 
 
 class Unavailable(AlertdError):
@@ -152,6 +153,66 @@ def status(cfg: Config, as_json: bool = False, watch: bool = False,
         if not watch:
             return EXIT_OK
         time.sleep(interval)
+
+
+# ------------------------------------------------------------------ reload
+
+
+def _reloads(doc: dict[str, Any]) -> int:
+    r = doc["reload"]
+    return r["succeeded"] + r["failed"]
+
+
+def reload(cfg: Config, timeout: float = 30.0) -> int:
+    """HUP the daemon that serves `cfg`'s status API; wait for the result of a reload
+    that started after the signal.
+
+    `cfg` was loaded by the caller with the daemon's own loader, so a file that fails
+    here never reaches the daemon. The pid is the one the status document reports: the
+    process that answers on this config's [status] listen is the one that re-reads it.
+    A reload counts as ours once the daemon's reload count passes the one read before
+    the signal (reloads run one at a time, each reading the file as it is then).
+    """
+    doc = fetch_status(cfg)
+    pid = doc["pid"]
+    if cfg.source is not None and doc.get("config") and Path(doc["config"]) != cfg.source:
+        print(f"alertd: the daemon at {cfg.status.listen} (pid {pid}) runs {doc['config']}, "
+              f"not {cfg.source}: a reload re-reads the daemon's own file", file=sys.stderr)
+        return EXIT_CONFIG
+    main_pid = os.environ.get("MAINPID")  # set by systemd for ExecReload=
+    if main_pid and main_pid != str(pid):
+        raise AlertdError(f"reload: the status API is served by pid {pid}, but systemd's "
+                          f"main process is {main_pid}; not signalling either")
+    before = _reloads(doc)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise Unavailable(f"alertd (pid {pid}) is gone") from None
+    except PermissionError:
+        raise Unavailable(f"cannot signal alertd (pid {pid}): permission denied; run as "
+                          f"its user or root") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            doc = fetch_status(cfg, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            doc = None
+        if doc is not None and doc["pid"] != pid:
+            raise AlertdError(f"reload: alertd restarted (pid {pid} -> {doc['pid']}) before "
+                              f"reporting the reload; it now runs whatever the file says")
+        if doc is not None and _reloads(doc) > before:
+            r = doc["reload"]
+            if r["ok"]:
+                print(f"alertd: reloaded {doc.get('config') or cfg.source} (pid {pid})")
+                return EXIT_OK
+            print(f"alertd: reload failed, the daemon keeps its running config: {r['error']}",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        if time.monotonic() >= deadline:
+            raise AlertdError(f"reload: no result from alertd (pid {pid}) within {timeout:g} s")
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ tail

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
+import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,3 +70,33 @@ class Shared:
 
     def slot(self, index: int) -> WorkerSlot:
         return self.state.workers[index]
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Once no worker is left: unlink the lock's semaphore and stop multiprocessing's
+        resource tracker, so that the supervisor is the last process of the daemon to exit.
+
+        The spawn context starts the tracker (a child process) with the first named lock
+        or spawned worker. Left alone it exits only when it sees the supervisor's end of
+        its pipe close, i.e. just after the supervisor: systemd, seeing the main process
+        gone, SIGKILLs it as a leftover of the unit on every stop. CPython has no public
+        call for this; these are the ones its own tests use.
+        """
+        from multiprocessing import resource_tracker, util
+
+        util._run_finalizers(0)  # what exit would run now: the SemLock unlinks, unregisters
+        tracker = resource_tracker._resource_tracker
+        fd, pid = tracker._fd, tracker._pid
+        if fd is None or pid is None:
+            return
+        tracker._fd = tracker._pid = None
+        os.close(fd)  # EOF on its pipe: it cleans up what is still registered and exits
+        deadline = time.monotonic() + timeout
+        try:
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() >= deadline:
+                    os.kill(pid, signal.SIGKILL)  # it ignores TERM and INT by design
+                    os.waitpid(pid, 0)
+                    return
+                time.sleep(0.01)
+        except ChildProcessError:
+            pass  # already reaped

@@ -109,6 +109,9 @@ class Supervisor:
         if self._failed:
             for w in self.workers.values():  # their outcomes are in the WALs; a restart resumes
                 w.proc.kill()
+                w.proc.join(5)
+        self.shared.release()
+        if self._failed:
             return 1
         log.info("alertd stopped")
         return 0

@@ -73,7 +73,9 @@ def test_unit_matches_the_daemon():
     """Settings the daemon relies on, and TimeoutStopSec beyond grace + the kill margin."""
     text = UNIT.read_text()
     keys = dict(re.findall(r"^(\w+)=(.*)$", text, re.M))
-    assert keys["Type"] == "notify" and keys["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert keys["Type"] == "notify"
+    assert keys["ExecReload"] == f"{INSTALLED_EXEC} reload --config /etc/alertd/alertd.toml"
+    assert keys["StateDirectoryMode"] == "0751" and keys["SupplementaryGroups"] == "alertd-producers"
     assert keys["ExecStart"] == f"{INSTALLED_EXEC} run --config /etc/alertd/alertd.toml"
     assert keys["StateDirectory"] == "alertd" and keys["ConfigurationDirectory"] == "alertd"
     assert keys["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
@@ -200,3 +202,70 @@ def test_log_format_json(tmp_path):
     docs = [json.loads(ln) for ln in lines]
     assert docs and all({"ts", "level", "process", "msg"} <= d.keys() for d in docs)
     assert any(d["msg"].startswith("alertd ready") and d["level"] == "info" for d in docs)
+
+
+# A stand-in for systemd's view of a stop: a child subreaper (as systemd is) starts the
+# daemon and, once it has exited, lists whatever of it is still there. Anything that
+# outlived the supervisor, alive or a zombie, is re-parented here; under systemd it would
+# be SIGKILLed ("Killing process N (python3) with signal SIGKILL").
+REAPER = r"""
+import ctypes, json, os, subprocess, sys, time
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+p = subprocess.Popen(sys.argv[1:], start_new_session=True)
+print(p.pid, flush=True)
+rc = p.wait()
+left = []
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        break
+    if info is None:  # orphans still running: name them, end them
+        for name in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if name.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                        cmd = open(f"/proc/{name}/cmdline").read().replace("\0", " ")
+                        left.append(f"{name} {cmd or open(f'/proc/{name}/comm').read()} (alive)")
+                        os.kill(int(name), 9)
+            except (OSError, ValueError, IndexError):
+                pass
+        time.sleep(0.05)
+        continue
+    with open(f"/proc/{info.si_pid}/comm") as f:
+        left.append(f"{info.si_pid} {f.read().strip()} (exited after the supervisor)")
+    os.waitpid(info.si_pid, 0)
+print(json.dumps({"rc": rc, "left": left}), flush=True)
+"""
+
+
+def test_term_leaves_no_process_behind_the_supervisor(tmp_path):
+    """The supervisor exits last: workers and multiprocessing's resource tracker are gone
+    before it, so a `systemctl stop` has nothing to SIGKILL."""
+    mock, port = start_mock()
+    cfg_path = write_config(tmp_path / "alertd.toml", port, shutdown={"grace": 5.0})
+    from alertd import commands, config
+    cfg = config.load(cfg_path)
+    log = open(tmp_path / "alertd.log", "w")
+    reaper = subprocess.Popen([sys.executable, "-c", REAPER, sys.executable, "-m", "alertd",
+                               "run", "--config", str(cfg_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        pid = int(reaper.stdout.readline())
+        poll(lambda: commands.ready(cfg), 60, "alertd ready")
+        a = Alertd(cfg_path)
+        a.drop("x.csv", b"user_id\nu1\nu2\n")
+        a.wait_summaries(1, timeout=30)
+        os.kill(pid, signal.SIGTERM)
+        out, _ = reaper.communicate(timeout=5.0 + 10)
+        doc = json.loads(out.strip().splitlines()[-1])
+        assert doc["rc"] == 0, (tmp_path / "alertd.log").read_text()
+        assert doc["left"] == [], doc["left"]
+    finally:
+        if reaper.poll() is None:
+            reaper.kill()
+            reaper.wait()
+        log.close()
+        stop_process(mock)
