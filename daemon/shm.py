@@ -22,7 +22,7 @@ class WorkerSlot(ctypes.Structure):
         ("delivered", ctypes.c_uint64),  # rows that ended delivered
         ("in_flight", ctypes.c_int64),  # requests awaiting a response now
         ("pending", ctypes.c_int64),  # rows read but not final (in flight + awaiting retry)
-        ("wal_error", ctypes.c_int32),  # errno of the last WAL write failure, 0 = healthy
+        ("wal_error", ctypes.c_int32),  # 1 while the worker's WAL cannot be written, 0 = healthy
     ]
 
 
@@ -50,7 +50,7 @@ class SharedState(ctypes.Structure):
         ("prev_ok", ctypes.c_uint32),  # the window before it
         ("prev_fail", ctypes.c_uint32),
         ("consecutive_fail", ctypes.c_uint32),
-        ("generation", ctypes.c_int64),  # bumped on every applied reload
+        ("generation", ctypes.c_int64),  # unused (reserved): supervisor.py counts generations
         ("workers", WorkerSlot * MAX_WORKERS),
     ]
 

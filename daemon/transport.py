@@ -49,7 +49,7 @@ class TransportError(Exception):
 @dataclass(frozen=True, slots=True)
 class Response:
     status: int
-    retry_after: bytes | None = None  # raw Retry-After value; the worker parses it
+    retry_after: bytes | None = None  # raw Retry-After value; policy.py parses it
 
 
 # Frozen, so the common answers can be shared rather than built per request.
@@ -194,12 +194,16 @@ class _Conn(asyncio.Protocol):
         if self.fut is not None:
             if self.code >= 200 and not self.framed and not self.complete:
                 self._finish(False)  # a body delimited by EOF: this close is its end
-            elif isinstance(exc, ssl.SSLError) and not self.used and not self.answered:
-                # TLS 1.3 servers refuse a client certificate after our handshake ended,
-                # so it surfaces here: the request never reached the application.
+            elif self.endpoint[2] is not None and not self.used and not self.answered and \
+                    isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+                # A TLS 1.3 server checks our client certificate after our side of the
+                # handshake has ended: its refusal (an alert, often lost to the reset that
+                # follows) ends the first request. The application never saw it.
                 host, port, _ = self.endpoint
+                why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else \
+                    "connection reset before any response (client certificate refused?)"
                 self.fail(TransportError("connect", False, f"TLS handshake with {host}:{port} "
-                                                           f"failed: {_tls_reason(exc)}"))
+                                                           f"failed: {why}"))
             else:
                 why = f"peer closed the connection ({exc})" if exc else "peer closed the connection"
                 self.fail(TransportError("closed", True, why))

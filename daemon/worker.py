@@ -1,8 +1,9 @@
 """A worker process: chunk -> rows -> tokens -> signed POST -> outcome -> ack.
 
 Each worker reads its chunk's bytes from the spool file itself (pread); only
-chunk descriptors and acks cross the pipe to the supervisor. It decides when to
-send, retry, hold or give up; outcomes.py records what became of each row.
+chunk descriptors and acks cross the pipe to the supervisor. policy.py says what
+each answer means; the worker schedules it (send, retry, hold, give up), and
+outcomes.py records what became of each row. Every row a lane takes is settled.
 """
 from __future__ import annotations
 
@@ -373,8 +374,9 @@ class Worker:
         and settle the row (retried, then dead-lettered) so its chunk still finishes."""
         tb = e.__traceback__
         while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        key = (type(e).__name__, tb.tb_frame.f_code.co_filename if tb else "", tb.tb_lineno if tb else 0)
+            tb = tb.tb_next  # the frame that raised: one log line per distinct bug
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb else ("", 0)
+        key = (type(e).__name__, *where)
         if key not in self._bugs:
             self._bugs.add(key)
             log.error("worker %d: internal error while sending %s:%d (a bug; the row is retried "
