@@ -132,7 +132,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "fut", "deadline", "timer",
                  "timer_at", "connect_deadline", "code", "retry_after", "framed", "keep",
-                 "complete", "lost", "lost_waiter", "head_room", "headers", "answered", "used")
+                 "complete", "lost", "lost_waiter", "head_room", "headers", "used")
 
     def __init__(self, pool: Pool, endpoint: _Endpoint, loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.endpoint, self.loop = pool, endpoint, loop
@@ -149,7 +149,7 @@ class _Conn(asyncio.Protocol):
         self.lost_waiter: asyncio.Future[None] | None = None
         self.head_room = MAX_HEAD  # head bytes this request's response may still take
         self.headers = 0  # header lines of the response being parsed
-        self.answered = self.used = False  # any response byte yet; a response completed
+        self.used = False  # a response completed on this connection
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -158,7 +158,6 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.fut is None:  # bytes nobody asked for: the stream can't be trusted
             return self.drop(abort=True)
-        self.answered = True
         try:
             if self.code == 0 and len(data) > self.head_room:
                 self._feed_head(data)
@@ -194,8 +193,8 @@ class _Conn(asyncio.Protocol):
         if self.fut is not None:
             if self.code >= 200 and not self.framed and not self.complete:
                 self._finish(False)  # a body delimited by EOF: this close is its end
-            elif self.endpoint[2] is not None and not self.used and not self.answered and \
-                    isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+            elif self.endpoint[2] is not None and not self.used and self.code == 0 and \
+                    self.head_room == MAX_HEAD and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
                 # A TLS 1.3 server checks our client certificate after our side of the
                 # handshake has ended: its refusal (an alert, often lost to the reset that
                 # follows) ends the first request. The application never saw it.
@@ -237,6 +236,7 @@ class _Conn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.code < 200:  # an interim 1xx: the real response follows (same head budget)
             self.code, self.retry_after, self.framed, self.headers = 0, None, False, 0
+            self.used = True  # the server has seen this request
         else:
             self.complete = True
 
