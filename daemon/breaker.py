@@ -56,12 +56,13 @@ class Breaker:
             st.probes += 1
             return Gate.PROBE
 
-    def record(self, ok: int, failed: int) -> None:
+    def record(self, ok: int, failed: int) -> int | None:
         """Results since the last call (a worker batches its successes): `ok` successes,
-        `failed` retryable failures of alerts on their first attempt."""
+        `failed` retryable failures of alerts on their first attempt. Returns OPEN or
+        CLOSED when this call changed the state (its caller says so in the log), else None."""
         st = self._st
         if not ok and not failed:
-            return
+            return None
         with self._shared.lock:
             now = time.monotonic()
             if now - st.win_start >= WINDOW:
@@ -76,23 +77,27 @@ class Breaker:
                 st.consecutive_fail = 0
                 if st.breaker_state == OPEN:
                     self._close()
-                return
+                    return CLOSED
+                return None
             st.consecutive_fail += failed
             if st.breaker_state == OPEN:
-                return
+                return None
             total = st.win_ok + st.win_fail + st.prev_ok + st.prev_fail
             fails = st.win_fail + st.prev_fail
             if (total >= MIN_ATTEMPTS and fails >= FAIL_RATIO * total) or \
                     st.consecutive_fail >= CONSECUTIVE:
                 self._open(now, REASON_FAILURES)
+                return OPEN
+            return None
 
-    def trip(self, reason: int) -> None:
-        """Open at once (410 Gone): the endpoint says it is not there."""
+    def trip(self, reason: int) -> bool:
+        """Open at once (410 Gone): the endpoint says it is not there. True if it opened now."""
         with self._shared.lock:
             if self._st.breaker_state != OPEN:
                 self._open(time.monotonic(), reason)
-            else:
-                self._st.breaker_reason = reason
+                return True
+            self._st.breaker_reason = reason
+            return False
 
     def _open(self, now: float, reason: int) -> None:
         st = self._st

@@ -40,6 +40,9 @@ class WebhookConfig:
     secrets: tuple[str, ...] = field(default=(), repr=False)  # never in a log line
     secrets_file: Path | None = None
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold tokens
+    ca_file: Path | None = None  # CA bundle that replaces the system CAs (private CAs)
+    client_cert: Path | None = None  # mTLS: PEM certificate (chain), with client_key
+    client_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,94 @@ def read_secrets_file(path: Path) -> tuple[str, ...]:
     return tuple(check_secret(ln, where) for ln in lines if ln and not ln.startswith("#"))
 
 
+# Headers alertd writes itself, or that change how the request is framed or routed: a
+# second Content-Length or Host is a request-smuggling shape behind a proxy.
+_OWN_HEADERS = frozenset({"content-type", "webhook-id", "webhook-timestamp", "webhook-signature"})
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection",
+                              "keep-alive", "proxy-connection", "te", "trailer", "upgrade",
+                              "expect"})
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def check_headers(raw: Any, has_credentials: bool = False) -> tuple[tuple[str, str], ...]:
+    """[webhook] headers: the one place their names and values are validated. Errors
+    name the header, never its value (it may be a token)."""
+    if not isinstance(raw, dict):
+        raise _fail("webhook", "headers", "must be a table of name = \"value\"")
+    seen: set[str] = set()
+    out = []
+    for name, value in raw.items():
+        token = bool(name) and set(name) <= _TOKEN
+        where = f"headers.{name}" if token else f"headers.{name!r}"
+        if not token:
+            raise _fail("webhook", where, "is not a valid header name (letters, digits and "
+                        "!#$%&'*+-.^_`|~ only)")
+        low = name.lower()
+        if low in _OWN_HEADERS:
+            raise _fail("webhook", where, "is set by alertd itself and cannot be configured")
+        if low in _FRAMING_HEADERS:
+            raise _fail("webhook", where, "controls how the request is framed or routed and "
+                        "cannot be configured")
+        if low == "authorization" and has_credentials:
+            raise _fail("webhook", where, "conflicts with the credentials in [webhook] url")
+        if low in seen:
+            raise _fail("webhook", where, "is given twice (header names ignore case)")
+        seen.add(low)
+        if not isinstance(value, str):
+            raise _fail("webhook", where, "must be a string")
+        for i, c in enumerate(value):
+            o = ord(c)
+            if o > 0xFF:
+                raise _fail("webhook", where, f"value has a character outside Latin-1 "
+                            f"(U+{o:04X} at position {i})")
+            if (o < 0x20 and c != "\t") or o == 0x7F:
+                raise _fail("webhook", where, f"value has a control character "
+                            f"(U+{o:04X} at position {i})")
+        out.append((name, value))
+    return tuple(out)
+
+
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails at load instead of prompting on a terminal
+
+
+def _tls_files(s: dict[str, Any], base: Path, https: bool
+               ) -> tuple[Path | None, Path | None, Path | None]:
+    """[webhook] ca_file, client_cert, client_key: readable PEM files, checked now so a
+    bad file is a config error, not a worker that fails every connection."""
+    import ssl  # only here: the rest of config stays free of it
+
+    files = {k: _path("webhook", k, s[k], base) for k in ("ca_file", "client_cert", "client_key")
+             if k in s}
+    if not files:
+        return None, None, None
+    if not https:
+        raise _fail("webhook", sorted(files)[0], "is set but [webhook] url is not https://")
+    if ("client_cert" in files) != ("client_key" in files):
+        raise ConfigError("config: [webhook] client_cert and client_key go together (mTLS)")
+    for key, path in files.items():
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise _fail("webhook", key, f"{path}: {e.strerror}") from None
+    ca, cert, key = files.get("ca_file"), files.get("client_cert"), files.get("client_key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, ValueError) as e:
+            raise _fail("webhook", "ca_file", f"{ca}: no PEM certificate in it ({e})") from None
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(cert, key, password=_no_password)
+        except (ssl.SSLError, ValueError) as e:
+            raise ConfigError(f"config: [webhook] client_cert {cert} / client_key {key}: not a "
+                              f"PEM certificate and its matching unencrypted key ({e})") from None
+    return ca, cert, key
+
+
+
 def parse_listen(listen: str, state_dir: Path) -> tuple[str, Any]:
     host, sep, port = listen.rpartition(":")
     if sep and port.isdigit() and "/" not in listen:
@@ -311,17 +402,11 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
     if "secrets_file" in s:
         secrets_file = _path("webhook", "secrets_file", s["secrets_file"], base)
         secrets += read_secrets_file(secrets_file)
-    headers_raw = s.get("headers", {})
-    if not isinstance(headers_raw, dict):
-        raise _fail("webhook", "headers", "must be a table of name = \"value\"")
-    headers = []
-    for k, v in headers_raw.items():
-        v = _secret_str("webhook", f"headers.{k}", v)  # values often carry tokens
-        if not k or any(c in k for c in " :\r\n\t") or any(c in v for c in "\r\n"):
-            raise _fail("webhook", f"headers.{k}", "is not a valid HTTP header")
-        headers.append((k, v))
+    headers = check_headers(s.get("headers", {}), has_credentials=parts.username is not None)
+    ca_file, client_cert, client_key = _tls_files(s, base, https=parts.scheme == "https")
     webhook = WebhookConfig(url=url, timeout=timeout, secrets=tuple(secrets),
-                            secrets_file=secrets_file, headers=tuple(headers))
+                            secrets_file=secrets_file, headers=headers, ca_file=ca_file,
+                            client_cert=client_cert, client_key=client_key)
 
     s = _section(raw, "rate")
     rate = RateConfig(limit=_num("rate", "limit", s.get("limit", 0.0), minimum=0),

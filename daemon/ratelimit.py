@@ -60,39 +60,53 @@ def pause(shared: Shared, seconds: float) -> None:
 
 
 class TokenBudget:
-    """A worker's view of the shared bucket: `await acquire()` before each request."""
+    """A worker's view of the shared bucket: `await acquire()` before each request.
+
+    Tokens parked here are spent only outside a pause: a 429 stops every sender at
+    once, including ones holding tokens they took before it.
+    """
 
     def __init__(self, shared: Shared) -> None:
         self._shared = shared
+        self._st = shared.state
         self._local = 0
+        self._seen_over = 0.0  # a pause_until already seen in the past: no clock read needed
 
     def _batch(self) -> int:
-        rate = self._shared.state.rate
+        rate = self._st.rate
         if rate <= 0.0:
             return MAX_BATCH
         return max(1, min(MAX_BATCH, math.ceil(rate * BATCH_SECONDS)))
 
+    def _paused(self) -> bool:
+        until = self._st.pause_until
+        if until == self._seen_over:  # the hot path: one shared read, no clock
+            return False
+        if until > time.monotonic():
+            return True
+        self._seen_over = until
+        return False
+
     def try_take(self) -> bool:
-        """A token without waiting, if one is parked here or the rate is unlimited."""
+        """A token without waiting: one parked here, or the rate is unlimited; never in a pause."""
+        if self._paused():
+            return False
         if self._local > 0:
             self._local -= 1
             return True
-        st = self._shared.state
-        return st.rate <= 0.0 and st.pause_until <= time.monotonic()
+        return self._st.rate <= 0.0
 
     async def acquire(self) -> None:
-        if self._local > 0:
-            self._local -= 1
-            return
-        st = self._shared.state
-        # Unlimited and not paused: skip the lock entirely on the hot path.
-        if st.rate <= 0.0 and st.pause_until <= time.monotonic():
-            return
         while True:
+            if self._paused():
+                await asyncio.sleep(min(self._st.pause_until - time.monotonic(), 1.0))
+                continue
             # Another lane may have parked tokens while this one slept: use them first,
             # and never overwrite parked tokens (that would lose them, and the rate).
             if self._local > 0:
                 self._local -= 1
+                return
+            if self._st.rate <= 0.0:  # unlimited: skip the lock entirely
                 return
             granted, wait = take(self._shared, self._batch())
             if granted:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import random
 import stat
 import time
 from dataclasses import dataclass
@@ -18,13 +17,13 @@ from typing import Any
 
 import orjson
 
-from . import ratelimit, wal
+from . import policy, ratelimit, wal
 from .config import Config
 from .errors import AlertdError
 from .payload import Payloads
-from .policy import retryable
+from .policy import Action
 from .shm import Shared
-from .transport import Pool, TransportError
+from .transport import Pool, TransportError, webhook_tls
 
 REPLAY_WAL = 999  # the WAL index of replays: wal/worker-999.wal
 
@@ -58,7 +57,7 @@ def replay(cfg: Config, job: str | None = None) -> list[Result]:
 async def _replay(cfg: Config, jobs: list[str]) -> list[Result]:
     shared = Shared.create(multiprocessing.get_context("spawn"))
     ratelimit.configure(shared, cfg.rate.limit, cfg.rate.effective_burst)
-    sender = _Sender(cfg, ratelimit.TokenBudget(shared))
+    sender = _Sender(cfg, ratelimit.TokenBudget(shared), shared)
     writer = wal.WalWriter(cfg.state_dir / "wal", REPLAY_WAL, fsync=cfg.wal.fsync,
                            interval=cfg.wal.fsync_interval, segment_bytes=cfg.wal.segment_bytes)
     try:
@@ -119,35 +118,53 @@ def _rewrite(path: Path, entries: list[dict[str, Any]]) -> None:
 
 
 class _Sender:
-    def __init__(self, cfg: Config, budget: ratelimit.TokenBudget) -> None:
+    """Resends with the workers' policy (policy.decide): a 429 spends no attempt and
+    pauses every send for its Retry-After; retry.max_age, from the replay's start,
+    bounds an alert that is never accepted."""
+
+    def __init__(self, cfg: Config, budget: ratelimit.TokenBudget, shared: Shared) -> None:
         self.cfg = cfg
         self.budget = budget
+        self.shared = shared
         self.payloads = Payloads(cfg.webhook.secrets)
         self.pool = Pool(cfg.webhook.url, size=cfg.workers.concurrency,
-                         timeout=cfg.webhook.timeout, headers=cfg.webhook.headers)
+                         timeout=cfg.webhook.timeout, headers=cfg.webhook.headers,
+                         ssl_context=webhook_tls(cfg.webhook))
         self.sem = asyncio.Semaphore(cfg.workers.concurrency)
+        self.started = time.monotonic()
+        self.gone = False
 
     async def send(self, e: dict[str, Any]) -> tuple[bool, int, int, str | None]:
         """(delivered?, last status, attempts, last error) for one dead letter."""
         retry = self.cfg.retry
-        status, err, attempt = 0, None, 0
+        status, err, attempts = 0, None, 0
         async with self.sem:
-            for attempt in range(1, retry.max_attempts + 1):
+            while not self.gone:
                 await self.budget.acquire()
                 hdr, body = self.payloads.build(e["id"], e["user_id"], e["message"], e["file"],
                                                 e["offset"], time.time())
+                attempts += 1
                 try:
                     r = await self.pool.post(hdr, body)
                 except TransportError as ex:
-                    status, err = 0, f"{ex.kind}: {ex}"
+                    status = 0
+                    d = policy.decide(0, attempts, retry, None, str(ex))
                 else:
                     status = r.status
-                    if 200 <= status < 300:
-                        return True, status, attempt, None
-                    err = f"HTTP {status}"
-                    if not retryable(status):
-                        break
-                if attempt < retry.max_attempts:
-                    await asyncio.sleep(random.uniform(
-                        0, min(retry.max_delay, retry.base_delay * 2 ** (attempt - 1))))
-        return False, status, attempt, err
+                    d = policy.decide(status, attempts, retry, r.retry_after)
+                if d.action is Action.DELIVERED:
+                    return True, status, attempts, None
+                err = d.error
+                if not d.spend:
+                    attempts -= 1
+                if d.gone:
+                    self.gone = True  # the endpoint says it is not there: stop sending
+                if d.pause:
+                    ratelimit.pause(self.shared, d.pause)
+                if d.action is Action.DEAD or \
+                        time.monotonic() - self.started + d.delay > retry.max_age:
+                    break
+                await asyncio.sleep(d.delay)
+            else:
+                err = err or "not sent: the endpoint answered 410 Gone"
+        return False, status, attempts, err

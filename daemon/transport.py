@@ -1,25 +1,38 @@
 """A lean HTTP/1.1 keep-alive connection pool for webhook POSTs (asyncio Protocols + httptools).
 
 Owns the sockets to the endpoint and the bytes on the wire. It never judges a
-status code (delivery rules live in the worker), never resends a request the
-receiver may have seen, and never spends a Task or a wait_for on a request.
+status code (delivery rules live in policy.py), never resends a request the
+receiver may have seen, and never spends a Task or a wait_for on a request. A
+receiver can make a request fail, never make it grow memory or outlive its
+deadline: response heads are capped and bytes nobody asked for drop the stream.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import httptools
 
+if TYPE_CHECKING:
+    from .config import WebhookConfig
+
 USER_AGENT = "alertd/0.1"
+MAX_HEAD = 64 << 10  # bytes of response head(s) per request, interim 1xx heads included
+MAX_HEADERS = 100  # header lines per response
 _SLOT = object()  # handed to a waiter instead of a connection: "a slot is yours, connect"
-_Endpoint = tuple[str, int, bool]  # (host, port, tls): connections outlive a reload only if equal
+# (host, port, TLS context or None): connections outlive a reload only if equal
+_Endpoint = tuple[str, int, "ssl.SSLContext | None"]
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback: the response breaks a rule (message says which)."""
 
 
 class TransportError(Exception):
@@ -27,6 +40,7 @@ class TransportError(Exception):
     handed to the socket, so the receiver may have processed it (outcome unknown)."""
 
     def __init__(self, kind: str, sent: bool, detail: str = "") -> None:
+        # str() is the whole text ("timeout: no response within 5 s"): callers add nothing.
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind  # "connect", "timeout", "closed" or "protocol"
         self.sent = sent
@@ -35,15 +49,38 @@ class TransportError(Exception):
 @dataclass(frozen=True, slots=True)
 class Response:
     status: int
-    retry_after: bytes | None = None  # raw Retry-After value; the worker parses it
+    retry_after: bytes | None = None  # raw Retry-After value; policy.py parses it
 
 
 # Frozen, so the common answers can be shared rather than built per request.
 _PLAIN = {code: Response(code) for code in range(100, 600)}
 
 
-def _parse(url: str, headers: Sequence[tuple[str, str]]) -> tuple[_Endpoint, bytes]:
-    """The endpoint, and the request head up to and including "Content-Length: "."""
+def tls_context(ca_file: str | None = None, client_cert: str | None = None,
+                client_key: str | None = None) -> ssl.SSLContext:
+    """Certificates and host names always verified; `ca_file` replaces the system CAs,
+    `client_cert` + `client_key` answer a server that asks for a client certificate."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if client_cert:
+        ctx.load_cert_chain(client_cert, client_key, password=lambda: b"")  # never prompt
+    return ctx
+
+
+def webhook_tls(w: WebhookConfig) -> ssl.SSLContext | None:
+    """The TLS context for an https:// webhook (None for http://)."""
+    if urlsplit(w.url).scheme != "https":
+        return None
+    return tls_context(str(w.ca_file) if w.ca_file else None,
+                       str(w.client_cert) if w.client_cert else None,
+                       str(w.client_key) if w.client_key else None)
+
+
+def _parse(url: str, headers: Sequence[tuple[str, str]]) -> tuple[str, int, bool, bytes]:
+    """(host, port, tls, the request head up to and including "Content-Length: ").
+
+    Header names and values were validated once, by config.py; a configured
+    User-Agent replaces ours.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"transport: not an http(s) URL: {url!r}")
@@ -53,16 +90,41 @@ def _parse(url: str, headers: Sequence[tuple[str, str]]) -> tuple[_Endpoint, byt
     if port != (443 if tls else 80):
         authority += f":{port}"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    lines = [f"POST {target} HTTP/1.1", f"Host: {authority}", "Content-Type: application/json",
-             f"User-Agent: {USER_AGENT}"]
+    lines = [f"POST {target} HTTP/1.1", f"Host: {authority}", "Content-Type: application/json"]
+    if not any(name.lower() == "user-agent" for name, _ in headers):
+        lines.append(f"User-Agent: {USER_AGENT}")
     if parts.username is not None:  # credentials in the URL, sent the way curl sends them
         cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         lines.append("Authorization: Basic " + base64.b64encode(cred).decode())
-    for name, value in headers:
-        if not name or any(c in name for c in " :\r\n\t") or "\r" in value or "\n" in value:
-            raise ValueError(f"transport: invalid header {name!r}")
-        lines.append(f"{name}: {value}")
-    return (host, port, tls), ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+    lines += [f"{name}: {value}" for name, value in headers]
+    return host, port, tls, ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+
+
+def _why(e: BaseException) -> str:
+    """The text of a protocol error: our own rule if a parser callback raised it."""
+    if isinstance(e, _Reject):
+        return str(e)
+    if isinstance(e, httptools.HttpParserUpgrade):
+        return "unexpected protocol upgrade"
+    if isinstance(e.__context__, _Reject):
+        return str(e.__context__)
+    return f"bad response: {e}"
+
+
+def _tls_reason(e: ssl.SSLError) -> str:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {e.verify_message}"
+    return (e.reason or str(e)).lower().replace("_", " ")
+
+
+def _connect_error(host: str, port: int, e: OSError) -> str:
+    if isinstance(e, ssl.SSLError):
+        return f"TLS handshake with {host}:{port} failed: {_tls_reason(e)}"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve {host}: {e.strerror}"
+    if isinstance(e, ConnectionRefusedError):
+        return f"{host}:{port}: connection refused"
+    return f"{host}:{port}: {e.strerror or e}"
 
 
 class _Conn(asyncio.Protocol):
@@ -70,7 +132,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "fut", "deadline", "timer",
                  "timer_at", "connect_deadline", "code", "retry_after", "framed", "keep",
-                 "complete", "lost", "lost_waiter")
+                 "complete", "lost", "lost_waiter", "head_room", "headers", "used")
 
     def __init__(self, pool: Pool, endpoint: _Endpoint, loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.endpoint, self.loop = pool, endpoint, loop
@@ -85,6 +147,9 @@ class _Conn(asyncio.Protocol):
         # framed: Content-Length or Transfer-Encoding seen, so EOF is not the end of the body
         self.framed = self.keep = self.complete = self.lost = False
         self.lost_waiter: asyncio.Future[None] | None = None
+        self.head_room = MAX_HEAD  # head bytes this request's response may still take
+        self.headers = 0  # header lines of the response being parsed
+        self.used = False  # a response completed on this connection
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -94,11 +159,25 @@ class _Conn(asyncio.Protocol):
         if self.fut is None:  # bytes nobody asked for: the stream can't be trusted
             return self.drop(abort=True)
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            return self.fail(TransportError("protocol", True, f"bad response: {e}"))
+            if self.code == 0 and len(data) > self.head_room:
+                self._feed_head(data)
+            else:
+                self.parser.feed_data(data)
+                if self.code == 0:  # still inside the head
+                    self.head_room -= len(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade, _Reject) as e:
+            return self.fail(TransportError("protocol", True, _why(e)))
         if self.complete:
             self._finish(self.keep)
+
+    def _feed_head(self, data: bytes) -> None:
+        # Feed only what the head may still take: a receiver streaming one endless
+        # header must not grow the parser's buffer (httptools joins header bytes).
+        room = max(0, self.head_room)
+        self.parser.feed_data(data[:room])
+        if self.code == 0:
+            raise _Reject(f"response head over {MAX_HEAD >> 10} KiB")
+        self.parser.feed_data(data[room:])
 
     def eof_received(self) -> bool:
         if self.fut is None:  # the server closed an idle connection: never hand it out again
@@ -114,6 +193,16 @@ class _Conn(asyncio.Protocol):
         if self.fut is not None:
             if self.code >= 200 and not self.framed and not self.complete:
                 self._finish(False)  # a body delimited by EOF: this close is its end
+            elif self.endpoint[2] is not None and not self.used and self.code == 0 and \
+                    self.head_room == MAX_HEAD and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
+                # A TLS 1.3 server checks our client certificate after our side of the
+                # handshake has ended: its refusal (an alert, often lost to the reset that
+                # follows) ends the first request. The application never saw it.
+                host, port, _ = self.endpoint
+                why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else \
+                    "connection reset before any response (client certificate refused?)"
+                self.fail(TransportError("connect", False, f"TLS handshake with {host}:{port} "
+                                                           f"failed: {why}"))
             else:
                 why = f"peer closed the connection ({exc})" if exc else "peer closed the connection"
                 self.fail(TransportError("closed", True, why))
@@ -122,7 +211,14 @@ class _Conn(asyncio.Protocol):
             self.lost_waiter.set_result(None)
 
     # httptools callbacks; on_body is left out on purpose so bodies are skipped in C.
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response in one read, to one request
+            raise _Reject("bytes after the response: a second response to one request")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        if self.headers > MAX_HEADERS:
+            raise _Reject(f"more than {MAX_HEADERS} response headers")
         n = len(name)  # a length test first keeps most headers to one integer comparison
         if n == 11:
             if name.lower() == b"retry-after":
@@ -133,11 +229,14 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.code = self.parser.get_status_code()
+        if self.code == 101:  # we never ask to upgrade: a receiver switching is not HTTP
+            raise _Reject("unexpected 101 Switching Protocols")
         self.keep = self.parser.should_keep_alive()  # Connection: close, HTTP/1.0, EOF bodies
 
     def on_message_complete(self) -> None:
-        if self.code < 200:  # an interim 1xx: the real response follows
-            self.code, self.retry_after, self.framed = 0, None, False
+        if self.code < 200:  # an interim 1xx: the real response follows (same head budget)
+            self.code, self.retry_after, self.framed, self.headers = 0, None, False, 0
+            self.used = True  # the server has seen this request
         else:
             self.complete = True
 
@@ -163,7 +262,9 @@ class _Conn(asyncio.Protocol):
         if self.fut is None:
             return
         if self.loop.time() + 0.001 >= self.deadline:  # timers may fire a hair early
-            self.fail(TransportError("timeout", True, "no response in time"))
+            host, port, _ = self.endpoint
+            self.fail(TransportError("timeout", True, f"no response from {host}:{port} within "
+                                                      f"{self.pool.timeout:g} s"))
         else:
             self.timer, self.timer_at = self.loop.call_at(self.deadline, self._on_timer), self.deadline
 
@@ -173,6 +274,7 @@ class _Conn(asyncio.Protocol):
             ra = self.retry_after
             fut.set_result((ra is None and _PLAIN.get(self.code)) or Response(self.code, ra))
         self.code, self.retry_after, self.framed, self.complete = 0, None, False, False
+        self.head_room, self.headers, self.used = MAX_HEAD, 0, True
         self.pool._release(self, keep)
 
     def fail(self, exc: TransportError) -> None:
@@ -208,6 +310,10 @@ class Pool:
         self.reconfigure(url, size=size, timeout=timeout, headers=headers)
 
     @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @property
     def connections_opened(self) -> int:
         return self._opened
 
@@ -217,14 +323,19 @@ class Pool:
         return self._in_flight
 
     def reconfigure(self, url: str, *, size: int, timeout: float,
-                    headers: Sequence[tuple[str, str]]) -> None:
+                    headers: Sequence[tuple[str, str]],
+                    ssl_context: ssl.SSLContext | None = None) -> None:
         """Apply a reloaded webhook config to new requests; idle connections to an old
-        endpoint, and idle ones above a smaller size, are closed at once."""
+        endpoint (or under an old TLS context), and idle ones above a smaller size, are
+        closed at once. ssl_context None keeps the current one (or the default)."""
         if size < 1 or timeout <= 0:
             raise ValueError(f"transport: size must be >= 1 and timeout > 0, got {size}, {timeout}")
-        endpoint, self._head = _parse(url, headers)
-        if endpoint[2] and self._ssl is None:
-            self._ssl = ssl.create_default_context()
+        host, port, tls, self._head = _parse(url, headers)
+        if ssl_context is not None:
+            self._ssl = ssl_context
+        elif tls and self._ssl is None:
+            self._ssl = tls_context()
+        endpoint = (host, port, self._ssl if tls else None)
         self._timeout, self._size = timeout, size
         if endpoint != self._endpoint:
             self._endpoint = endpoint
@@ -297,22 +408,23 @@ class Pool:
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Conn:
         """Open a connection in a slot already counted in _open; the slot is freed on failure."""
         assert self._endpoint is not None
-        host, port, tls = endpoint = self._endpoint
+        host, port, ctx = endpoint = self._endpoint
         conn = _Conn(self, endpoint, loop)
         conn.connect_deadline = deadline = loop.time() + self._timeout
         try:  # one timeout context per connect (not per request) is cheap enough
             async with asyncio.timeout_at(deadline):
-                await loop.create_connection(lambda: conn, host, port, ssl=self._ssl if tls else None,
-                                             server_hostname=host if tls else None)
+                await loop.create_connection(lambda: conn, host, port, ssl=ctx,
+                                             server_hostname=host if ctx else None)
         except BaseException as e:
             if conn.transport is not None:
                 conn.drop(abort=True)  # frees the slot through _forget
             else:
                 self._give_back(_SLOT)
             if isinstance(e, TimeoutError):
-                raise TransportError("timeout", False, f"connect to {host}:{port}") from None
+                raise TransportError("timeout", False, f"no connection to {host}:{port} within "
+                                                       f"{self._timeout:g} s") from None
             if isinstance(e, OSError):  # refused, unreachable, DNS, TLS handshake
-                raise TransportError("connect", False, f"{host}:{port}: {e}") from None
+                raise TransportError("connect", False, _connect_error(host, port, e)) from None
             raise
         if self._closed or not conn.usable():  # closed before we said anything
             conn.drop()

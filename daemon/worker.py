@@ -1,8 +1,9 @@
 """A worker process: chunk -> rows -> tokens -> signed POST -> outcome -> ack.
 
 Each worker reads its chunk's bytes from the spool file itself (pread); only
-chunk descriptors and acks cross the pipe to the supervisor. It decides when to
-send, retry, hold or give up; outcomes.py records what became of each row.
+chunk descriptors and acks cross the pipe to the supervisor. policy.py says what
+each answer means; the worker schedules it (send, retry, hold, give up), and
+outcomes.py records what became of each row. Every row a lane takes is settled.
 """
 from __future__ import annotations
 
@@ -11,21 +12,23 @@ import heapq
 import logging
 import os
 import random
+import ssl
 import time
 from collections import deque
 from multiprocessing.connection import Connection
+from urllib.parse import urlsplit
 
-from . import chunker, ratelimit, wal
-from .breaker import REASON_GONE, Breaker, Gate
+from . import chunker, policy, ratelimit, wal
+from .breaker import CLOSED, OPEN, REASON_GONE, Breaker, Gate
 from .config import Config
 from .outcomes import ChunkState, Recorder
 from .payload import Payloads
-from .policy import backoff, retry_after_seconds, retryable
+from .policy import Action, Decision
 from .protocol import Chunk, ChunkFailed, Drain, Outcome, Ready, Reload
 from .ratelimit import TokenBudget
 from .shm import Shared
 from .sidelog import SideLog
-from .transport import Pool, TransportError
+from .transport import Pool, TransportError, webhook_tls
 
 log = logging.getLogger("alertd.worker")
 
@@ -33,7 +36,7 @@ RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock,
 
 
 class _Alert:
-    __slots__ = ("cs", "off", "uid", "msg", "attempts", "dup", "last")
+    __slots__ = ("cs", "off", "uid", "msg", "attempts", "dup", "last", "busy")
 
     def __init__(self, cs: ChunkState, off: int, uid: str, msg: str) -> None:
         self.cs = cs
@@ -43,6 +46,7 @@ class _Alert:
         self.attempts = 0  # attempts that count toward retry.max_attempts
         self.dup = False  # a request may have reached the receiver without us knowing
         self.last: tuple[int, str] = (0, "")  # last status and error
+        self.busy = False  # a lane holds it: not yet final nor scheduled for a retry
 
 
 class Worker:
@@ -74,17 +78,31 @@ class Worker:
         self._sent_retry = 0
         self._n_sent = 0  # requests sent, rows delivered: copied to the shm slot by _heartbeat
         self._n_delivered = 0
+        self._bugs: set[tuple[str, str, int]] = set()  # internal errors already logged
 
     def _apply(self, cfg: Config) -> None:
+        w = cfg.webhook
+        try:
+            tls = webhook_tls(w)
+        except (OSError, ssl.SSLError) as e:
+            if self.pool is None:
+                raise
+            # config.load read these files moments ago; keep sending with the old ones.
+            log.error("worker %d: reload: TLS files unreadable, keeping the running webhook "
+                      "config: %s", self.index, e)
+            return
         self.cfg = cfg
         self.payloads = Payloads(cfg.webhook.secrets)
         self.max_backlog = cfg.workers.concurrency * 4
+        parts = urlsplit(cfg.webhook.url)
+        self.endpoint = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         if self.pool is None:
-            self.pool = Pool(cfg.webhook.url, size=cfg.workers.concurrency,
-                             timeout=cfg.webhook.timeout, headers=cfg.webhook.headers)
+            self.pool = Pool(w.url, size=cfg.workers.concurrency, timeout=w.timeout,
+                             headers=w.headers, ssl_context=tls)
         else:
-            self.pool.reconfigure(cfg.webhook.url, size=cfg.workers.concurrency,
-                                  timeout=cfg.webhook.timeout, headers=cfg.webhook.headers)
+            # A reload re-reads the TLS files: certificates can be rotated with a HUP.
+            self.pool.reconfigure(w.url, size=cfg.workers.concurrency, timeout=w.timeout,
+                                  headers=w.headers, ssl_context=tls)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,7 +168,12 @@ class Worker:
         if self._lanes.get(i) is t:
             del self._lanes[i]
         if not t.cancelled() and t.exception() is not None:
-            log.error("worker %d: lane failed", self.index, exc_info=t.exception())
+            # _lane catches what an attempt raises; this is a bug outside one: a new lane
+            # takes over, so the worker never silently sends less.
+            log.error("worker %d: lane %d failed; starting a new one", self.index, i,
+                      exc_info=t.exception())
+            if not self._draining:
+                asyncio.get_running_loop().call_later(0.1, self._resize_lanes)
         if self._draining and not self._lanes:
             self._done.set()
 
@@ -179,7 +202,11 @@ class Worker:
             if a is None:
                 await self._idle()
                 continue
-            await self._attempt(a)
+            a.busy = True
+            try:
+                await self._attempt(a)
+            except Exception as e:  # a bug: the row still gets settled, the lane goes on
+                self._internal_error(a, e)
 
     async def _idle(self) -> None:
         self._more.clear()
@@ -300,62 +327,76 @@ class Worker:
         except TransportError as e:
             if e.sent:
                 a.dup = True  # outcome unknown: it may have arrived; same id on the retry
-            self._failed(a, gate, 0, f"{e.kind}: {e}")
+            self._settle(a, gate, 0, policy.decide(0, a.attempts, self.cfg.retry, None, str(e)))
             return
         status = r.status
-        if 200 <= status < 300:
+        d = policy.decide(status, a.attempts, self.cfg.retry, r.retry_after)
+        if d is policy.DELIVERED:  # the hot path
             self._n_delivered += 1
             self._ok += 1
             if gate is Gate.PROBE or self._ok >= RESULT_BATCH:
                 self._flush_results()
             self._final(a, Outcome.DELIVERED, status, None)
-        elif status == 429:
-            # The receiver's rate limit, not a bad message: wait as told, slow down,
-            # and do not spend one of the alert's attempts.
-            a.attempts -= 1
-            after = retry_after_seconds(r.retry_after)
-            ratelimit.pause(self.shared, min(after if after is not None else 1.0,
-                                             self.cfg.retry.max_delay))
-            if self.cfg.rate.adaptive:
-                ratelimit.throttled(self.shared)
-            self._retry(a, after or 0.0)
-        elif status == 410:
-            # Permanent for this alert, and the endpoint says it is gone: stop sending.
-            self.breaker.trip(REASON_GONE)
-            self._final(a, Outcome.DEAD, status, "HTTP 410 Gone (permanent; breaker opened)")
-        elif retryable(status):
-            self._failed(a, gate, status, f"HTTP {status}",
-                         retry_after_seconds(r.retry_after))
         else:
-            self._final(a, Outcome.DEAD, status, f"HTTP {status} (permanent)")
+            self._settle(a, gate, status, d)
+
+    def _settle(self, a: _Alert, gate: Gate, status: int, d: Decision) -> None:
+        """Schedule what the policy decided for a failed attempt."""
+        if not d.spend:
+            a.attempts -= 1
+        if d.failure:
+            self._flush_results()
+            # Only an alert's first failure speaks about the endpoint: at the end of a job
+            # the few alerts still retrying may be ones the receiver always refuses, and
+            # their repeated failures must dead-letter them, not look like an outage.
+            if self.breaker.record(0, 1 if a.attempts == 1 else 0) == OPEN:
+                log.warning("endpoint %s unreachable: %s; breaker opened (only probes go out "
+                            "until one succeeds)", self.endpoint, d.error)
+            if gate is Gate.PROBE or self.breaker.is_open:
+                d = policy.while_down(d)  # a failed probe, or this failure opened it
+                a.attempts -= 1
+        if d.gone and self.breaker.trip(REASON_GONE):
+            log.warning("endpoint %s answered 410 Gone; breaker opened", self.endpoint)
+        if d.pause:
+            ratelimit.pause(self.shared, d.pause)
+        if d.throttle and self.cfg.rate.adaptive:
+            ratelimit.throttled(self.shared)
+        a.last = (status, d.error or "")
+        if d.action is Action.HOLD:
+            self._hold(a)
+        elif d.action is Action.DEAD:
+            self._final(a, Outcome.DEAD, status, d.error)
+        else:
+            self._retry(a, d.delay)
+
+    def _internal_error(self, a: _Alert, e: Exception) -> None:
+        """An exception while handling an attempt is a bug: log it once with its traceback,
+        and settle the row (retried, then dead-lettered) so its chunk still finishes."""
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next  # the frame that raised: one log line per distinct bug
+        where = (tb.tb_frame.f_code.co_filename, tb.tb_lineno) if tb else ("", 0)
+        key = (type(e).__name__, *where)
+        if key not in self._bugs:
+            self._bugs.add(key)
+            log.error("worker %d: internal error while sending %s:%d (a bug; the row is retried "
+                      "or dead-lettered, later occurrences are not logged)", self.index,
+                      a.cs.chunk.job, a.off, exc_info=e)
+        if not a.busy:
+            return  # already final or scheduled before the error
+        a.dup = True  # the request may have gone out before the error
+        d = policy.internal_error(e, max(1, a.attempts), self.cfg.retry)
+        a.last = (0, d.error or "")
+        if d.action is Action.DEAD:
+            self._final(a, Outcome.DEAD, 0, d.error)
+        else:
+            self._retry(a, d.delay)
 
     def _flush_results(self) -> None:
         if self._ok:
             ok, self._ok = self._ok, 0
-            self.breaker.record(ok, 0)
-
-    def _failed(self, a: _Alert, gate: Gate, status: int, err: str,
-                after: float | None = None) -> None:
-        """A retryable failure: tell the breaker, then retry or give up."""
-        self._flush_results()
-        # Only an alert's first failure speaks about the endpoint: at the end of a job the
-        # few alerts still retrying may be ones the receiver always refuses, and their
-        # repeated failures must dead-letter them, not look like an outage.
-        self.breaker.record(0, 1 if a.attempts == 1 else 0)
-        a.last = (status, err)
-        if gate is Gate.PROBE or self.breaker.is_open:
-            # A failed probe, or a failure that opened the breaker: the endpoint is
-            # down, which says nothing about this alert. Hold it; no attempt spent.
-            a.attempts -= 1
-            self._hold(a)
-            return
-        if after is not None:
-            after = min(after, self.cfg.retry.max_delay)
-            ratelimit.pause(self.shared, after)
-        if a.attempts >= self.cfg.retry.max_attempts:
-            self._final(a, Outcome.DEAD, status, err)
-            return
-        self._retry(a, after or 0.0)
+            if self.breaker.record(ok, 0) == CLOSED:
+                log.warning("endpoint %s reachable again; breaker closed", self.endpoint)
 
     def _expired(self, a: _Alert) -> bool:
         age = time.time() - a.cs.chunk.started_at
@@ -372,17 +413,19 @@ class Worker:
             return
         self._push(a, max(self.breaker.probe_due(), time.monotonic()) + random.uniform(0, 0.05))
 
-    def _retry(self, a: _Alert, at_least: float) -> None:
+    def _retry(self, a: _Alert, delay: float) -> None:
         if self._expired(a):
             return
-        self._push(a, time.monotonic() + max(backoff(a.attempts, self.cfg.retry), at_least))
+        self._push(a, time.monotonic() + delay)
 
     def _push(self, a: _Alert, due: float) -> None:
+        a.busy = False
         self._tiebreak += 1
         heapq.heappush(self._retries, (due, self._tiebreak, a))
         self._more.set()
 
     def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
+        a.busy = False
         self._pending -= 1
         self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err)
 

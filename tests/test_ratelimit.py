@@ -70,3 +70,36 @@ def test_pause_holds_everyone():
     assert granted == 0 and 0.4 < wait <= 0.5
     ratelimit.pause(shared, 0.1)  # a shorter pause never cuts a longer one
     assert ratelimit.take(shared, 1)[1] > 0.3
+
+
+def test_a_pause_holds_tokens_already_parked_in_a_worker():
+    shared = Shared.create(multiprocessing.get_context("spawn"))
+    ratelimit.configure(shared, 100_000, 5000)
+    shared.state.stamp -= 1.0  # a full bucket
+    budget = ratelimit.TokenBudget(shared)
+
+    async def run() -> tuple[int, float]:
+        await budget.acquire()  # takes a batch: the rest stays parked here
+        assert budget._local == ratelimit.MAX_BATCH - 1
+        ratelimit.pause(shared, 0.5)  # another worker got a 429
+        sent = sum(1 for _ in range(200) if budget.try_take())
+        t0 = time.monotonic()
+        await budget.acquire()
+        return sent, time.monotonic() - t0
+    sent, waited = asyncio.run(run())
+    assert sent == 0
+    assert 0.4 < waited < 1.0
+    assert budget._local == ratelimit.MAX_BATCH - 2  # parked tokens are kept for afterwards
+
+
+def test_a_pause_holds_an_unlimited_rate_too():
+    shared = Shared.create(multiprocessing.get_context("spawn"))
+    ratelimit.configure(shared, 0, 1)
+    budget = ratelimit.TokenBudget(shared)
+    assert budget.try_take()
+    ratelimit.pause(shared, 0.3)
+    assert not budget.try_take()
+    t0 = time.monotonic()
+    asyncio.run(budget.acquire())
+    assert time.monotonic() - t0 > 0.25
+    assert budget.try_take()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -44,8 +45,21 @@ REPLIES: dict[str, bytes] = {
     "/midclose": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part",
     "/garbage": b"SPDY/9 banana\r\n\r\n",
     "/799": b"HTTP/1.1 799 Odd\r\nContent-Length: 0\r\n\r\n",
+    "/500then200": b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    "/101": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "/manyheaders": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101))
+                    + b"Content-Length: 0\r\n\r\n",
+    "/100headers": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(99))
+                   + b"Content-Length: 0\r\n\r\n",
+    "/bighead": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (64 << 10) + b"\r\nContent-Length: 0\r\n\r\n",
+    "/bighead-trickle": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (64 << 10) + b"\r\n\r\n",
+    "/100s": b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"b" * 40000 + b"\r\n\r\n"
+             b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"b" * 40000 + b"\r\n\r\n"
+             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
 }
 CLOSE_AFTER = {"/close", "/http10", "/eof", "/midclose", "/garbage"}
+TRICKLE = {"/bighead-trickle", "/100s"}  # written in small pieces, as a slow receiver would
 
 
 class Scripted(asyncio.Protocol):
@@ -70,10 +84,17 @@ class Scripted(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode().lower()] = value.decode()
+        self.headers[name.decode().lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         self.body += body
+
+    async def _trickle(self, data: bytes) -> None:
+        for i in range(0, len(data), 4000):
+            if self.transport.is_closing():  # the client hung up on it
+                return
+            self.transport.write(data[i:i + 4000])
+            await asyncio.sleep(0.001)
 
     def on_message_complete(self) -> None:
         path = self.url.decode()
@@ -81,7 +102,11 @@ class Scripted(asyncio.Protocol):
         self.url, self.headers, self.body = b"", {}, b""
         if path == "/hang":
             return
-        self.transport.write(REPLIES[path.split("?")[0]])
+        reply = REPLIES[path.split("?")[0]]
+        if path.split("?")[0] in TRICKLE:
+            self.server.tasks.add(asyncio.ensure_future(self._trickle(reply)))
+            return
+        self.transport.write(reply)
         if path.split("?")[0] in CLOSE_AFTER:
             self.transport.close()
 
@@ -91,6 +116,7 @@ class Server:
         self.connections = 0
         self.live: list[Scripted] = []
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.tasks: set[asyncio.Future[None]] = set()
 
     async def __aenter__(self) -> Server:
         self.srv = await asyncio.get_running_loop().create_server(
@@ -370,4 +396,135 @@ def test_https_with_a_trusted_and_an_untrusted_certificate(run: Any, cert: tuple
             await pool.close()
         finally:
             srv.srv.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ what a receiver cannot do
+
+
+@pytest.mark.parametrize("path,why", [
+    ("/bighead", "response head over 64 KiB"),
+    ("/bighead-trickle", "response head over 64 KiB"),
+    ("/100s", "response head over 64 KiB"),  # interim heads share the budget
+    ("/manyheaders", "more than 100 response headers"),
+    ("/500then200", "bytes after the response: a second response to one request"),
+    ("/101", "unexpected 101 Switching Protocols")])
+def test_a_response_that_breaks_the_rules_is_a_protocol_error(
+        run: Any, caplog: Any, path: str, why: str) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url(path), size=1, timeout=5)
+            for i in range(2):
+                with pytest.raises(TransportError) as ei:
+                    await _post(pool)
+                # Possibly processed: retried with the same id, counted as a possible duplicate.
+                assert (ei.value.kind, ei.value.sent, str(ei.value)) == ("protocol", True,
+                                                                        f"protocol: {why}")
+                assert pool.connections_opened == i + 1  # the stream is never reused
+            pool.reconfigure(srv.url("/ok"), size=1, timeout=5, headers=())
+            assert (await _post(pool)).status == 200  # the next request is not fed the extra
+            await pool.close()
+    run(main())
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_head_just_under_the_limits_is_fine(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/100headers"), size=1, timeout=5)
+            assert (await _post(pool)).status == 200
+            assert (await _post(pool)).status == 200
+            assert pool.connections_opened == 1
+            await pool.close()
+    run(main())
+
+
+def test_transport_errors_say_what_happened_once(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/hang"), size=1, timeout=0.3)
+            with pytest.raises(TransportError) as ei:
+                await _post(pool)
+            assert str(ei.value) == f"timeout: no response from 127.0.0.1:{srv.port} within 0.3 s"
+            await pool.close()
+        srv2 = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv2.sockets[0].getsockname()[1]
+        srv2.close()
+        await srv2.wait_closed()
+        pool = Pool(f"http://127.0.0.1:{port}/", size=1, timeout=2)
+        with pytest.raises(TransportError) as ei:
+            await _post(pool)
+        assert str(ei.value) == f"connect: 127.0.0.1:{port}: connection refused"
+        await pool.close()
+    run(main())
+
+
+def test_a_configured_user_agent_replaces_ours(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=5, headers=[("User-Agent", "acme/2")])
+            await _post(pool)
+            raw_names = [k for k in srv.requests[0][1]]
+            assert srv.requests[0][1]["user-agent"] == "acme/2" and raw_names.count("user-agent") == 1
+            await pool.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ [webhook] headers (config.py)
+
+def _webhook(headers: dict[str, str], url: str = "http://127.0.0.1:9/hook") -> Any:
+    from alertd import config
+    return config.from_dict({"webhook": {"url": url, "headers": headers}}, Path("/"))
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("Content-Length", "0", "headers.Content-Length controls how the request is framed"),
+    ("transfer-encoding", "chunked", "headers.transfer-encoding controls how the request is framed"),
+    ("Host", "evil.example", "headers.Host controls how the request is framed"),
+    ("Connection", "close", "headers.Connection controls how the request is framed"),
+    ("Upgrade", "h2c", "headers.Upgrade controls how the request is framed"),
+    ("webhook-id", "x", "headers.webhook-id is set by alertd itself"),
+    ("Webhook-Signature", "v1,x", "headers.Webhook-Signature is set by alertd itself"),
+    ("webhook-timestamp", "1", "headers.webhook-timestamp is set by alertd itself"),
+    ("Content-Type", "text/plain", "headers.Content-Type is set by alertd itself"),
+    ("X Team", "a", "headers.'X Team' is not a valid header name"),
+    ("X:Team", "a", "headers.'X:Team' is not a valid header name"),
+    ("Xé", "a", "headers.'Xé' is not a valid header name"),
+    ("", "a", "headers.'' is not a valid header name"),
+    ("X-A", "a\r\nContent-Length: 5", "headers.X-A value has a control character (U+000D at "
+                                       "position 1)"),
+    ("X-A", "a\x00", "headers.X-A value has a control character (U+0000 at position 1)"),
+    ("X-A", "a\x7f", "headers.X-A value has a control character (U+007F at position 1)"),
+    ("X-A", "\u20ac", "headers.X-A value has a character outside Latin-1 (U+20AC at position 0)"),
+])
+def test_headers_that_would_reframe_or_break_the_request_are_refused(
+        name: str, value: str, message: str) -> None:
+    from alertd.errors import ConfigError
+    with pytest.raises(ConfigError) as ei:
+        _webhook({name: value})
+    assert str(ei.value).startswith(f"config: [webhook] {message}")
+    assert value not in str(ei.value) or len(value) < 2  # a value may be a token: never echoed
+
+
+def test_header_names_are_unique_ignoring_case_and_authorization_does_not_fight_the_url() -> None:
+    from alertd.errors import ConfigError
+    with pytest.raises(ConfigError, match="headers.x-team is given twice"):
+        _webhook({"X-Team": "a", "x-team": "b"})
+    with pytest.raises(ConfigError, match="conflicts with the credentials in"):
+        _webhook({"Authorization": "Bearer t"}, url="http://u:p@127.0.0.1:9/hook")
+    ok = _webhook({"Authorization": "Bearer t", "X-Tab": "a\tb", "X-Latin": "caf\u00e9"})
+    assert ok.webhook.headers == (("Authorization", "Bearer t"), ("X-Tab", "a\tb"),
+                                  ("X-Latin", "caf\u00e9"))
+
+
+def test_validated_headers_reach_the_wire_unchanged(run: Any) -> None:
+    cfg = _webhook({"X-Latin": "caf\u00e9", "X-Tab": "a\tb"})
+
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=5, headers=cfg.webhook.headers)
+            assert (await _post(pool)).status == 200
+            headers = srv.requests[0][1]
+            assert (headers["x-latin"], headers["x-tab"]) == ("caf\u00e9", "a\tb")
+            await pool.close()
     run(main())
