@@ -16,6 +16,7 @@ from alertd import config
 from alertd.errors import ConfigError
 from alertd.transport import Pool, TransportError, tls_context
 
+from tests.procs import to_toml
 from tests.test_receivers_hostile import OK, Receiver, config_for, rows_csv
 from tests.test_transport import Scripted, Server, _post
 
@@ -162,7 +163,7 @@ def test_mtls_accepts_a_client_certificate_and_refuses_without(run: Any, pki: Pa
 
 def _load(tmp_path: Path, webhook: dict[str, Any]) -> config.Config:
     p = tmp_path / "c.toml"
-    p.write_text(config.to_toml({"webhook": {"url": "https://127.0.0.1:9/hook", **webhook}}))
+    p.write_text(to_toml({"webhook": {"url": "https://127.0.0.1:9/hook", **webhook}}))
     return config.load(p)
 
 
@@ -191,7 +192,7 @@ def test_tls_files_are_resolved_and_checked_at_load(tmp_path: Path, pki: Path) -
             _load(tmp_path, webhook)
         assert str(ei.value).startswith(message), str(ei.value)
     p = tmp_path / "h.toml"
-    p.write_text(config.to_toml({"webhook": {"url": "http://127.0.0.1:9/hook",
+    p.write_text(to_toml({"webhook": {"url": "http://127.0.0.1:9/hook",
                                              "ca_file": "ca.pem"}}))
     with pytest.raises(ConfigError, match=r"\[webhook\] ca_file is set but \[webhook\] url is "
                                           r"not https://"):
