@@ -8,6 +8,7 @@ touches payloads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -310,11 +311,23 @@ class Supervisor:
             self._reload_done(False, error)
             systemd.notify("READY=1")
             return
+        old = self.cfg
+        if new.paths != old.paths or new.status != old.status:
+            # The watcher, the job store and the listener were built on the old ones.
+            log.warning("reload: [paths] and [status] apply only at restart; keeping the running ones")
+            new = dataclasses.replace(new, paths=old.paths, status=old.status)
+        if new.workers.count != old.workers.count and \
+                len(self.workers) + new.workers.count > MAX_WORKERS:
+            error = (f"reload: [workers] count {new.workers.count} needs that many free worker "
+                     f"slots while the running ones drain, and {len(self.workers)} of "
+                     f"{MAX_WORKERS} are in use; retry once the retiring workers have stopped")
+            log.error("reload failed, keeping the running config: %s", error)
+            self._reload_done(False, error)
+            systemd.notify("READY=1")
+            return
         for w in new.warnings:
             log.warning("%s", w)
-        old, self.cfg = self.cfg, new
-        if new.paths != old.paths or new.status != old.status:
-            log.warning("reload: [paths] and [status] apply only at restart")
+        self.cfg = new
         ratelimit.configure(self.shared, new.rate.limit, new.rate.effective_burst)
         if new.workers.count != old.workers.count:
             self._replace_generation()

@@ -105,3 +105,28 @@ def test_term_mid_job_exits_0_within_grace_and_a_restart_finishes(tmp_path, mock
     assert "draining" in a.log()
     b = alertd(cfg)
     assert_exactly_once(b, port, 30_000)
+
+
+def test_a_hup_that_changes_paths_keeps_the_running_ones(tmp_path, mock, alertd):
+    port = mock()
+    cfg = tmp_path / "alertd.toml"
+    a = alertd(write_config(cfg, port))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_config(cfg, port, paths={"state_dir": "state", "inbox": str(other)},
+                 rate={"limit": 1234})
+    a.proc.send_signal(signal.SIGHUP)
+    poll(lambda: reloads(a) == 1, 10, "the reload")
+    st = a.status()
+    assert st["rate"]["configured_limit"] == 1234  # the rest of the file applied
+    assert "apply only at restart; keeping the running ones" in a.log()
+    # Files keep arriving through the inbox the daemon watches, and none is taken from the
+    # folder the new file names (that takes a restart).
+    (other / "ignored.csv").write_bytes(b"user_id\nx1\n")
+    a.drop("kept.csv", b"user_id\nk1\nk2\n")
+    [s] = a.wait_summaries(1, timeout=30)
+    assert s["file"] == "kept.csv" and s["delivered"] == 2
+    # An observation window, not a synchronisation: the periodic rescan (every 10 s) would
+    # claim from the new folder if the reload had let [paths] through.
+    time.sleep(11)
+    assert (other / "ignored.csv").exists() and len(a.summaries()) == 1
