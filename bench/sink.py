@@ -186,7 +186,9 @@ def _lua_str(b: bytes | str) -> str:
 def write_lua(path: Path) -> Path:
     headers, body = sample_request()
     lines = ['wrk.method = "POST"', f"wrk.body = {_lua_str(body)}"]
-    lines += [f"wrk.headers[{_lua_str(k)}] = {_lua_str(v)}" for k, v in headers.items()]
+    # The spaces matter: "[[" would open a Lua long string, and wrk would then drop
+    # the whole script and send bare GETs.
+    lines += [f"wrk.headers[ {_lua_str(k)} ] = {_lua_str(v)}" for k, v in headers.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -204,7 +206,8 @@ def run_wrk(url: str, workdir: Path, seconds: float, threads: int = 2,
     cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
            "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    if out.returncode != 0:
+    # A broken script is only a line on stderr, and wrk then measures bare GETs.
+    if out.returncode != 0 or out.stderr.strip():
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
     m = _RPS.search(out.stdout)
     if m is None:

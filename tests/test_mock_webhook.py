@@ -1,6 +1,7 @@
 """Process-level tests of the mock webhook: modes, counters, signatures, control, record, signals.
 
-Every test runs the real `python -m mock_webhook` on 127.0.0.1.
+Every test runs the real `python -m mock_webhook` on 127.0.0.1, once per engine
+(fast, the default, and aiohttp): both must behave the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from mock_webhook import Settings, make_app
@@ -29,6 +31,17 @@ from .helpers import (
     stop_process,
     wait_until,
 )
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def mock(mock, engine: str):
+    """conftest's mock starter, with this test's --engine."""
+    return lambda *args, **kw: mock(*args, "--engine", engine, **kw)
 
 
 def new_secret() -> str:
@@ -153,9 +166,9 @@ def test_control_switches_mode_and_reset_clears(mock) -> None:
     assert st["first_at"] is None
 
 
-def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path) -> None:
+def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path, engine: str) -> None:
     record = tmp_path / "rec.jsonl"
-    p, port = start_mock("--mode", "fail", "--fail-ratio", "0.5", record=record)
+    p, port = start_mock("--mode", "fail", "--fail-ratio", "0.5", "--engine", engine, record=record)
     try:
         ids = [f"rec-{i}" for i in range(20)]
         answers = post_alerts(port, [(i, f'{{"n":"{i}"}}'.encode(), {"webhook-timestamp": "123"})
@@ -179,8 +192,8 @@ def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path) 
     assert len(lines()) == 21  # flushed at exit
 
 
-def test_sigint_exits_0_promptly_with_open_connection() -> None:
-    p, port = start_mock()
+def test_sigint_exits_0_promptly_with_open_connection(engine: str) -> None:
+    p, port = start_mock("--engine", engine)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("POST", "/x", body=b"{}", headers={"webhook-id": "k"})
