@@ -95,10 +95,10 @@ class _Conn(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._emit(_EMPTY[400, False], False)
-        except httptools.HttpParserError:
-            self._emit(_EMPTY[400, False], False)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # llhttp also refuses bytes after a Connection: close request: those get no answer.
+            if not self.closing:
+                self._emit(_EMPTY[400, False], False)
         out = self.out
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
