@@ -270,6 +270,14 @@ class MockSink:
         t = psutil.Process(self.proc.pid).cpu_times()
         return t.user + t.system
 
+    def syscalls(self) -> tuple[int, int]:
+        """(read, write) system calls so far: per request, they show how reads batch."""
+        import psutil
+
+        assert self.proc is not None
+        io = psutil.Process(self.proc.pid).io_counters()
+        return io.read_count, io.write_count
+
     def rss_mb(self) -> float:
         import psutil
 
