@@ -12,6 +12,7 @@ from typing import Any
 def plot(results: dict[str, Any], path: Path) -> Path | None:
     """Write the plot to `path`; returns None when there is nothing to draw."""
     runs = [r for r in results.get("alertd", []) if r.get("series")]
+    mock = results.get("alertd_mock") or {}
     if not runs:
         return None
     import matplotlib
@@ -25,6 +26,11 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
         ys = [v / 1000 for _, v in r["series"]]
         ax.plot(xs, ys, label=f"alertd, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
                               f" ({r['deliveries_per_s'] / 1000:.0f}k/s)")
+    if mock.get("series"):
+        xs = [t for t, _ in mock["series"]]
+        ys = [v / 1000 for _, v in mock["series"]]
+        ax.plot(xs, ys, label=f"alertd, {mock['workers']} workers → mock webhook"
+                              f" ({mock['deliveries_per_s'] / 1000:.0f}k/s)")
     wrk = results.get("wrk", {}).get("requests_per_s")
     if wrk:
         ax.axhline(wrk / 1000, color="grey", linestyle="--", label=f"wrk ceiling ({wrk / 1000:.0f}k/s)")

@@ -14,6 +14,7 @@ TARGET_CPU_US = 12.0
 TARGET_RSS_MB = 250.0
 TARGET_FIRST_MS = 100.0
 TARGET_RATE_TOLERANCE = 0.01
+TARGET_MOCK_RATIO = 0.8  # alertd against the mock vs against nginx, same run
 
 
 def _n(v: float | None, digits: int = 0) -> str:
@@ -55,7 +56,28 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
                          _n(_ratio(a["deliveries_per_s"], base), 1),
                          _n(a.get("cpu_us_per_delivery"), 1), _n(a.get("peak_rss_mb"), 0),
                          _n(rows), _n(a.get("duration_s"), 1)]))
+    m = r.get("alertd_mock")
+    if m:
+        mk = m.get("mock", {})
+        name = f"alertd, {m['workers']} workers → mock ({mk.get('engine')} engine"
+        name += f", {_n(mk.get('cpu_us_per_request'), 1)} µs CPU/request)"
+        if not m.get("complete", True):
+            name += " (incomplete: timed out)"
+        if not m.get("counts_ok"):
+            name += " (COUNTS WRONG)"
+        rows = m.get("summary", {}).get("delivered", m.get("delivered"))
+        out.append(_row([name, _n(m["deliveries_per_s"]), _n(_ratio(m["deliveries_per_s"], wrk), 2),
+                         _n(_ratio(m["deliveries_per_s"], base), 1),
+                         _n(m.get("cpu_us_per_delivery"), 1), _n(m.get("peak_rss_mb"), 0),
+                         _n(rows), _n(m.get("duration_s"), 1)]))
     return out
+
+
+def mock_ratio(r: dict[str, Any]) -> float | None:
+    """alertd (2 workers) against the mock over alertd against nginx, in the same run."""
+    m = r.get("alertd_mock")
+    two = next((a for a in r.get("alertd", []) if a["workers"] == 2), None)
+    return _ratio(m["deliveries_per_s"], two["deliveries_per_s"]) if m and two else None
 
 
 def cpu_table(r: dict[str, Any]) -> list[str]:
@@ -140,6 +162,15 @@ def targets(r: dict[str, Any]) -> list[str]:
         ms = big["first_request_ms"]
         lines.append(f"{mark(None if ms is None else ms <= TARGET_FIRST_MS)} first request ≤ "
                      f"100 ms: {_n(ms, 1)} ms")
+    m = r.get("alertd_mock")
+    if m:
+        x = mock_ratio(r)
+        mk = m.get("mock", {})
+        lines.append(f"{mark(None if x is None else x >= TARGET_MOCK_RATIO and m.get('counts_ok'))} "
+                     f"alertd vs the mock ≥ 0.8 × alertd vs nginx: {_n(x, 2)} × "
+                     f"({_n(m['deliveries_per_s'])} vs {_n(two['deliveries_per_s']) if two else '–'}/s; "
+                     f"mock saw {_n(mk.get('unique'))} unique, {_n(mk.get('duplicates'))} duplicates, "
+                     f"{_n(mk.get('bad_signatures'))} bad signatures)")
     q = r.get("rate")
     if q:
         ok = abs(q["ratio"] - 1) <= TARGET_RATE_TOLERANCE and q["http_429"] == 0

@@ -145,6 +145,14 @@ class Suite:
                     self.r["alertd"].append(a)
                     say(f"alertd {workers} worker(s): {a['deliveries_per_s']:,.0f} deliveries/s, "
                         f"{a['cpu_us_per_delivery']} µs CPU/delivery")
+            # Same file and workers as the 2-worker nginx run, right after it: the ratio of
+            # the two is what the mock costs alertd (the target is >= 0.8).
+            m = self.phase("alertd-vs-mock", lambda: scenarios.against_mock(
+                self.work, self.data / "w2.csv", s.w2_rows, 2, s.run_timeout), "alertd_mock")
+            if m:
+                say(f"alertd 2 workers vs the mock: {m['deliveries_per_s']:,.0f} deliveries/s, "
+                    f"mock {m['mock']['cpu_us_per_request']} µs CPU/request, "
+                    f"counts {'ok' if m['counts_ok'] else 'WRONG'}")
             self.r["first_request"] = []
             for i, (label, size, secs) in enumerate(s.first):
                 def first(label: str = label, size: int = size, secs: float = secs,
@@ -170,6 +178,10 @@ class Suite:
         for a in self.r["alertd"]:
             a["x_wrk"] = round(a["deliveries_per_s"] / wrk, 3) if wrk else None
             a["x_baseline"] = round(a["deliveries_per_s"] / base, 2) if base else None
+        m = self.r.get("alertd_mock")
+        two = next((a for a in self.r["alertd"] if a["workers"] == 2), None)
+        if m and two:
+            m["x_nginx"] = round(m["deliveries_per_s"] / two["deliveries_per_s"], 3)
 
 
 def main(argv: list[str] | None = None) -> int:

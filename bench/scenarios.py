@@ -17,7 +17,7 @@ from typing import Any
 from tests.procs import ROOT, Alertd, write_config
 
 from . import measure
-from .sink import SAMPLE_SECRET, Nginx, wait_listening
+from .sink import SAMPLE_SECRET, MockSink, Nginx, wait_listening
 
 
 def bench_config(dirpath: Path, url: str, secret: str, **sections: dict[str, Any]) -> Path:
@@ -41,10 +41,10 @@ def _iso(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def throughput(nginx: Nginx, workdir: Path, csv: Path, rows: int, workers: int,
-               timeout: float) -> dict[str, Any]:
+def throughput(nginx: Nginx | MockSink, workdir: Path, csv: Path, rows: int, workers: int,
+               timeout: float, tag: str = "") -> dict[str, Any]:
     """Drop `csv` into a fresh alertd; deliveries/s, CPU/delivery, peak RSS, a rate series."""
-    cfg = bench_config(workdir / f"alertd-w{workers}", nginx.url, SAMPLE_SECRET,
+    cfg = bench_config(workdir / f"alertd{tag}-w{workers}", nginx.url, SAMPLE_SECRET,
                        workers={"count": workers})
     with Alertd(cfg) as d:
         sampler = measure.Sampler(d.pid, progress=d.delivered_now).start()
@@ -77,6 +77,29 @@ def throughput(nginx: Nginx, workdir: Path, csv: Path, rows: int, workers: int,
     out["cpu_s"] = round(cpu1 - cpu0, 3)
     # Where the CPU goes: the supervisor (planning, acks, status API) vs the workers.
     out["cpu_split_s"] = {k: round(split1[k] - split0[k], 3) for k in split1}
+    return out
+
+
+def against_mock(workdir: Path, csv: Path, rows: int, workers: int, timeout: float,
+                 engine: str = "fast") -> dict[str, Any]:
+    """throughput() with the mock webhook as the sink: the rate, and whether the mock saw
+    every row once with a good signature (nginx cannot tell)."""
+    with MockSink(workdir, engine) as mock:
+        cpu0, (r0, w0) = mock.cpu_seconds(), mock.syscalls()
+        out = throughput(mock, workdir, csv, rows, workers, timeout, tag="-mock")
+        cpu1, (r1, w1) = mock.cpu_seconds(), mock.syscalls()
+        st = mock.stats()
+        n = max(st["received"], 1)
+        out["mock"] = {"engine": engine, "received": st["received"], "unique": st["unique"],
+                       "duplicates": st["duplicates"], "bad_signatures": st["bad_signatures"],
+                       "by_status": st["by_status"],
+                       "cpu_us_per_request": round((cpu1 - cpu0) / n * 1e6, 2),
+                       "reads_per_request": round((r1 - r0) / n, 3),
+                       "writes_per_request": round((w1 - w0) / n, 3),
+                       "rss_mb": mock.rss_mb()}
+    # A run that timed out is flagged incomplete; its counts can still show duplicates.
+    out["counts_ok"] = (st["duplicates"] == 0 and st["bad_signatures"] == 0
+                        and (st["unique"] == rows or not out["complete"]))
     return out
 
 

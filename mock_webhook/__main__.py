@@ -1,7 +1,7 @@
-"""Command line for the mock webhook: parse flags, serve, report the port, exit cleanly.
+"""Command line for the mock webhook: parse flags, pick the engine, serve until SIGTERM/SIGINT.
 
-Owns process concerns only (event loop, listening line, signals); behaviour
-lives in server.py.
+Owns process concerns only; HTTP lives in fast.py (default) or server.py
+(aiohttp), behaviour in core.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import asyncio
 import signal
 import sys
 
-from aiohttp import web
+from .core import MODES, Settings
 
-from .server import MODES, Receiver, Settings
-
+ENGINES = ("fast", "aiohttp")
 # Idle keep-alive connections must not hold up SIGTERM; in-flight requests get this long.
 SHUTDOWN_TIMEOUT = 1.0
 
@@ -32,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--secret", action="append", default=[],
                     help="whsec_ secret to verify signatures with; repeatable")
     ap.add_argument("--record", default=None, help="append one JSON line per alert here")
+    ap.add_argument("--engine", choices=ENGINES, default="fast",
+                    help="fast: raw protocols + httptools (default); aiohttp: the aiohttp server")
     args = ap.parse_args(argv)
     if args.rate < 0:
         ap.error(f"--rate must be >= 0, got {args.rate}")
@@ -42,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def serve(settings: Settings, host: str, port: int) -> None:
+async def serve_aiohttp(settings: Settings, host: str, port: int) -> None:
+    from aiohttp import web
+
+    from .server import Receiver
+
     receiver = Receiver(settings)
     # The low-level server skips the Application/router layers: the receiver
     # dispatches by path itself, which is measurably faster on the alert path.
@@ -54,7 +59,8 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
         await site.start()
         bound = runner.addresses[0][1]
-        sys.stdout.write(f"mock_webhook: listening on http://{host}:{bound}/ mode={settings.mode}\n")
+        sys.stdout.write(f"mock_webhook: listening on http://{host}:{bound}/ mode={settings.mode}"
+                         " engine=aiohttp\n")
         sys.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -63,13 +69,17 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
-        await receiver.close()  # flushes the record file
+        await receiver.stop()  # flushes the record file
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings(mode=args.mode, rate=args.rate, fail_ratio=args.fail_ratio,
                         latency_ms=args.latency_ms, secrets=args.secret, record=args.record)
+    if args.engine == "fast":
+        from .fast import serve
+    else:
+        serve = serve_aiohttp
     try:
         import uvloop
     except ImportError:

@@ -1,6 +1,7 @@
 """Process-level tests of the mock webhook: modes, counters, signatures, control, record, signals.
 
-Every test runs the real `python -m mock_webhook` on 127.0.0.1.
+Every test runs the real `python -m mock_webhook` on 127.0.0.1, once per engine
+(fast, the default, and aiohttp): both must behave the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 from standardwebhooks.webhooks import Webhook
 
 from mock_webhook import Settings, make_app
@@ -29,6 +31,17 @@ from .helpers import (
     stop_process,
     wait_until,
 )
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def mock(mock, engine: str):
+    """conftest's mock starter, with this test's --engine."""
+    return lambda *args, **kw: mock(*args, "--engine", engine, **kw)
 
 
 def new_secret() -> str:
@@ -153,9 +166,9 @@ def test_control_switches_mode_and_reset_clears(mock) -> None:
     assert st["first_at"] is None
 
 
-def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path) -> None:
+def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path, engine: str) -> None:
     record = tmp_path / "rec.jsonl"
-    p, port = start_mock("--mode", "fail", "--fail-ratio", "0.5", record=record)
+    p, port = start_mock("--mode", "fail", "--fail-ratio", "0.5", "--engine", engine, record=record)
     try:
         ids = [f"rec-{i}" for i in range(20)]
         answers = post_alerts(port, [(i, f'{{"n":"{i}"}}'.encode(), {"webhook-timestamp": "123"})
@@ -179,8 +192,8 @@ def test_record_writes_one_line_per_request_and_sigterm_exits_0(tmp_path: Path) 
     assert len(lines()) == 21  # flushed at exit
 
 
-def test_sigint_exits_0_promptly_with_open_connection() -> None:
-    p, port = start_mock()
+def test_sigint_exits_0_promptly_with_open_connection(engine: str) -> None:
+    p, port = start_mock("--engine", engine)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("POST", "/x", body=b"{}", headers={"webhook-id": "k"})
@@ -205,3 +218,104 @@ def test_make_app_in_process() -> None:
             assert stats["by_status"] == {"410": 1}
 
     asyncio.run(run())
+
+
+def _raw(port: int, data: bytes, expect: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+    """Send raw bytes on one connection; read until `expect` answers arrived. (status, head) each."""
+    import socket
+
+    out: list[tuple[int, bytes]] = []
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        deadline = time.monotonic() + timeout
+        while len(out) < expect:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = buf[:end]
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if len(buf) >= end + 4 + length:
+                    out.append((int(head.split(b" ")[1]), head))
+                    buf = buf[end + 4 + length:]
+                    continue
+            assert time.monotonic() < deadline, f"only {len(out)} of {expect} answers: {buf!r}"
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return out
+
+
+def _req(msg_id: str, body: bytes = b"{}", path: str = "/hook", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nwebhook-id: {msg_id}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_pipelined_requests_are_answered_in_order(mock) -> None:
+    port = mock("--mode", "fail", "--fail-ratio", "0.5")
+    ids = [f"p{i}" for i in range(50)]
+    # All 50 requests in one write, with /stats in the middle: one answer each, in order.
+    data = b"".join(_req(i) for i in ids[:25]) + b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n"
+    data += b"".join(_req(i) for i in ids[25:])
+    answers = _raw(port, data, 51)
+    statuses = [s for s, _ in answers]
+    expected = [500 if fails_by_hash(i, 0.5) else 200 for i in ids]
+    assert statuses == expected[:25] + [200] + expected[25:]
+    assert get_stats(port)["received"] == 50
+
+
+def test_pipelining_keeps_order_behind_a_delayed_answer(mock) -> None:
+    """Only alerts wait for the latency: the instant answers behind one must wait for it too."""
+    port = mock("--latency-ms", "300")
+    t0 = time.monotonic()
+    data = (_req("slow-1") + b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n" + _req("slow-2"))
+    answers = _raw(port, data, 4)
+    assert [s for s, _ in answers] == [200, 404, 200, 200]
+    assert b"application/json" in answers[2][1].lower()
+    assert time.monotonic() - t0 >= 0.3
+    assert get_stats(port)["unique"] == 2
+
+
+def test_chunked_body_and_expect_continue_are_verified(mock, engine: str) -> None:
+    secret = new_secret()
+    port = mock("--secret", secret)
+    body = '{"user_id":"u1","message":"chunked"}'
+    h = signed(secret, "ch1", body)
+    head = (f"POST /hook HTTP/1.1\r\nHost: x\r\nwebhook-id: ch1\r\n"
+            f"webhook-timestamp: {h['webhook-timestamp']}\r\nwebhook-signature: {h['webhook-signature']}\r\n")
+    raw = body.encode()
+    chunked = (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in (raw[:10], raw[10:])) + b"0\r\n\r\n"
+    assert [s for s, _ in _raw(port, chunked, 1)] == [200]
+    # curl's Expect: 100-continue: the interim answer, then the real one.
+    expect = (head.replace("ch1", "ch2") + f"Expect: 100-continue\r\nContent-Length: {len(raw)}\r\n\r\n")
+    h2 = signed(secret, "ch2", body)
+    expect = expect.replace(h["webhook-signature"], h2["webhook-signature"]).replace(
+        h["webhook-timestamp"], h2["webhook-timestamp"])
+    # aiohttp's low-level server (no Application) sends no interim answer.
+    interim = [100] if engine == "fast" else []
+    answers = _raw(port, expect.encode() + raw, 1 + len(interim))
+    assert [s for s, _ in answers] == interim + [200]
+    st = get_stats(port)
+    assert (st["unique"], st["bad_signatures"]) == (2, 0)
+
+
+def test_connection_close_bad_requests_and_other_routes(mock, engine: str) -> None:
+    port = mock()
+    # aiohttp's parser answers 400 to bytes pipelined behind a Connection: close.
+    after = _req("never") if engine == "fast" else b""
+    answers = _raw(port, _req("cc1", extra="Connection: close\r\n") + after, 2)
+    assert [s for s, _ in answers] == [200]  # the server closed after the first answer
+    assert get_stats(port)["received"] == 1
+    assert [s for s, _ in _raw(port, b"NOT HTTP AT ALL\r\n\r\n", 1)] == [400]
+    assert [s for s, _ in _raw(port, b"GET /hook HTTP/1.1\r\nHost: x\r\n\r\n", 1)] == [404]
+    assert [s for s, _ in _raw(port, _req("s", path="/stats"), 1)] == [405]
+    head = _raw(port, b"HEAD /stats HTTP/1.1\r\nHost: x\r\n\r\nGET /stats?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert head[0][0] == 200 and b"application/json" in head[0][1].lower()
+    st = get_stats(port)
+    assert (st["received"], st["unique"]) == (1, 1)
