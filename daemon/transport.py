@@ -81,9 +81,7 @@ def _parse(url: str, headers: Sequence[tuple[str, str]]) -> tuple[str, int, bool
     Header names and values were validated once, by config.py; a configured
     User-Agent replaces ours.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"transport: not an http(s) URL: {url!r}")
+    parts = urlsplit(url)  # checked by config: http(s), a host, a port
     tls = parts.scheme == "https"
     host, port = parts.hostname, parts.port or (443 if tls else 80)
     authority = f"[{host}]" if ":" in host else host
