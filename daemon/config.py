@@ -78,6 +78,7 @@ class CsvConfig:
     message_column: str = ""  # "" = use [alert] message
     delimiter: str = ","
     max_id_length: int = 256  # bytes
+    max_line_bytes: int = 65536  # longer lines are rejected, skipped without being held
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,9 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
                      message_column=_str("csv", "message_column", s.get("message_column", "")),
                      delimiter=delimiter,
                      max_id_length=_num("csv", "max_id_length", s.get("max_id_length", 256),
-                                        minimum=1, integer=True))
+                                        minimum=1, integer=True),
+                     max_line_bytes=_num("csv", "max_line_bytes", s.get("max_line_bytes", 65536),
+                                         minimum=1, integer=True))
     if not csvc.id_column:
         raise _fail("csv", "id_column", "must not be empty")
     if not csvc.header:

@@ -22,8 +22,9 @@ from . import config as config_mod
 from . import ratelimit, signals, systemd, wal, worker
 from .breaker import Breaker
 from .config import Config
-from .errors import ConfigError
-from .jobs import Job, JobStore, partial_counts
+from .errors import EXIT_FAILURE, EXIT_OK, ConfigError, InputError
+from .jobs import Job, JobStore, partial_counts, reason_of
+from .names import escape
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
@@ -70,6 +71,12 @@ class Supervisor:
         self._watcher: InboxWatcher | None = None
         self._status: StatusServer | None = None
         self._retention = Retention(cfg.state_dir)
+        # Claims run one at a time in a thread (they fsync); None in the queue = rescan.
+        self._arrivals: asyncio.Queue[Path | None] = asyncio.Queue()
+        self._queued: set[Path] = set()
+        self._rescan_queued = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exit_code = EXIT_OK
 
     # ------------------------------------------------------------ main loop
 
@@ -86,12 +93,13 @@ class Supervisor:
         self._watcher = InboxWatcher(inbox, self._on_arrival, self._rescan)
         self._watcher.start(loop)
         self._rescan()
+        self._background(self._claimer(), "claims")
         self._status = StatusServer(cfg, self.snapshot)
         await self._status.start()
         await self._wait_ready()
         systemd.notify("READY=1", f"STATUS=watching {inbox}")
         log.info("alertd ready: %d workers, watching %s", cfg.workers.count, inbox)
-        ticker = loop.create_task(self._tick())
+        self._background(self._tick(), "housekeeping")
         while not self._stopped.is_set():
             get = loop.create_task(self.controls.get())
             stop = loop.create_task(self._stopped.wait())
@@ -101,10 +109,33 @@ class Supervisor:
                 self._control(get.result())
             else:
                 get.cancel()
-        ticker.cancel()
+        for t in self._tasks:
+            t.cancel()
         await self._status.stop()
-        log.info("alertd stopped")
-        return 0
+        log.info("alertd stopped" if self._exit_code == EXIT_OK else
+                 f"alertd stopped after a fatal error (exit status {self._exit_code})")
+        return self._exit_code
+
+    def _background(self, coro: Any, name: str) -> None:
+        """Run a task that lives as long as the daemon; if it ever ends, the daemon ends."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        t.add_done_callback(self._task_done)
+        self._tasks.append(t)
+
+    def _task_done(self, t: asyncio.Task[None]) -> None:
+        if t.cancelled():
+            return
+        exc = t.exception()
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned"
+        # Half alive (no rescans, no hung-worker kill, no watchdog pings) is worse than
+        # dead: stop, and let the exit status tell systemd to restart us.
+        log.critical("fatal: the supervisor's %s task ended (%s); stopping with exit status %d "
+                     "so that the service manager restarts alertd", t.get_name(), what,
+                     EXIT_FAILURE, exc_info=exc)
+        self._exit_code = EXIT_FAILURE
+        if not self.draining:
+            self.handle_term()
+        self._hurry()
 
     def _control(self, c: Control) -> None:
         if c is Control.RELOAD:
@@ -167,29 +198,54 @@ class Supervisor:
         rec = wal.recover(self.cfg.state_dir / "wal", [j.id for j in jobs])
         for job in jobs:
             job.recovery = rec.get(job.id)
-            job.open_plan()
+            try:
+                job.open_plan()
+            except (OSError, InputError) as e:
+                job.fail(reason_of(e))  # finalised (to failed/) by the first _pump
             self.jobs[job.id] = job
         log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
                  time.monotonic() - t)
 
     def _on_arrival(self, path: Path) -> None:
-        if self.draining or path.parent != self.cfg.paths.inbox_dir:
+        if self.draining or path.parent != self.cfg.paths.inbox_dir or path in self._queued:
             return
-        try:
-            job = self.store.claim(path, self.cfg.csv, self.cfg.workers.chunk_bytes)
-        except OSError as e:
-            log.error("cannot claim %s: %s", path, e)
-            return
-        if job is None:
-            return
-        job.open_plan()
-        self.jobs[job.id] = job
-        self._maybe_finalize(job)
-        self._pump()
+        self._queued.add(path)
+        self._arrivals.put_nowait(path)
 
     def _rescan(self) -> None:
-        for path in scan(self.cfg.paths.inbox_dir):
-            self._on_arrival(path)
+        if not self._rescan_queued:
+            self._rescan_queued = True
+            self._arrivals.put_nowait(None)
+
+    async def _claimer(self) -> None:
+        """Claims, one at a time, off the event loop: a claim fsyncs (job id, manifest),
+        and nothing a file is or does may stall the status API, signals or workers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            path = await self._arrivals.get()
+            if self.draining:
+                continue
+            if path is None:
+                self._rescan_queued = False
+                for p in await loop.run_in_executor(None, scan, self.cfg.paths.inbox_dir):
+                    self._on_arrival(p)
+                continue
+            self._queued.discard(path)  # from now on a new arrival under this name counts
+            try:
+                job = await loop.run_in_executor(None, self.store.claim, path, self.cfg.csv,
+                                                 self.cfg.workers.chunk_bytes)
+            except Exception as e:  # e.g. jobseq cannot be written: the file stays, retried
+                log.error("cannot claim %s: %s", escape(path.name), reason_of(e))
+                continue
+            if job is None:
+                continue
+            try:
+                job.open_plan()
+            except (OSError, InputError) as e:
+                job.fail(reason_of(e))
+            self.jobs[job.id] = job
+            self._maybe_finalize(job)
+            self._pump()
 
     def _maybe_finalize(self, job: Job) -> None:
         if not job.final:
