@@ -255,12 +255,13 @@ def read_rows(fd: int, start: int, end: int,
     pos = start
     probe = max_line_bytes + 2  # more than a line of max_line_bytes and its \r\n
     if max_line_bytes and end - start > probe:
-        head = read_span(fd, start, start + probe)
-        if b"\n" not in head:
+        head = read_span(fd, start, min(end, start + max(probe, LongLine.HEAD)))
+        if b"\n" not in head[:probe]:
             nl = _find_strict(fd, b"\n", start + probe, end)
             stop = end if nl < 0 else nl
-            cr = read_span(fd, stop - 1, stop) == b"\r"
-            lead.append((start, LongLine(head[:LongLine.HEAD], stop - start - cr, max_line_bytes)))
+            length = stop - start - (read_span(fd, stop - 1, stop) == b"\r")
+            lead.append((start, LongLine(head[:min(LongLine.HEAD, length)], length,
+                                         max_line_bytes)))
             pos = end if nl < 0 else nl + 1
     if pos >= end:
         return iter(lead)

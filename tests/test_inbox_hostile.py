@@ -178,10 +178,10 @@ def test_claim_of_a_file_swapped_after_lstat_reads_nothing_and_never_blocks(tmp_
         target.write_bytes(b"user_id\nu1\n")
         evil = inbox / f".{kind}.tmp"
 
-        def swap(name: str, evil: Path = evil, target: Path = target, kind: str = kind) -> str:
+        def swap(*args: str, evil: Path = evil, target: Path = target, kind: str = kind) -> str:
             os.mkfifo(evil) if kind == "fifo" else os.symlink(secret, evil)
             os.rename(evil, target)
-            return allocate(name)
+            return allocate(*args)
 
         store.allocate_id = swap
         result: list = []
