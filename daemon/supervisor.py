@@ -218,8 +218,9 @@ class Supervisor:
             self._arrivals.put_nowait(None)
 
     async def _claimer(self) -> None:
-        """Claims, one at a time, off the event loop: a claim fsyncs (job id, manifest),
-        and nothing a file is or does may stall the status API, signals or workers."""
+        """Claims, one at a time, off the event loop: a claim fsyncs (job id, manifest)
+        and reads the file's head, none of which may stall the status API, signals or
+        acks. (Planning stays on the loop: a long line costs it one scan of that line.)"""
         loop = asyncio.get_running_loop()
         while True:
             path = await self._arrivals.get()

@@ -61,6 +61,22 @@ def test_escaping_is_printable_and_reversible() -> None:
         assert state.startswith("j000001--")
 
 
+def test_a_crash_between_rename_and_manifest_keeps_the_whole_name(tmp_path):
+    """The shortened spool name is all that is left of a claim that crashed before its
+    manifest: jobseq kept the escaped name for exactly that claim."""
+    raw = b"\xfe" * 200 + b".csv"
+    state = tmp_path / "state"
+    store = JobStore(state)
+    esc = names.escape(raw)
+    job_id = store.allocate_id(esc)
+    spool = state / "spool" / names.state_name(job_id, esc)
+    spool.write_bytes(b"user_id\nu1\n")  # renamed in; then the host died
+    [job] = JobStore(state).load_unfinished(CsvConfig(), 4096)
+    assert (job.id, job.name, job.size) == (job_id, esc, 11)
+    assert json.loads((state / "spool" / f"{job_id}.json").read_text())["name"] == esc
+    assert names.unescape(job.name) == raw
+
+
 def test_any_name_is_claimed_delivered_and_named_the_same_everywhere(tmp_path, mock, alertd):
     record = tmp_path / "received.jsonl"
     port = mock(record=str(record))
