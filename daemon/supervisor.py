@@ -15,22 +15,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from . import ratelimit, signals, systemd, wal, worker
 from .breaker import Breaker
+from .claims import Claims
 from .config import Config
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError, InputError
 from .jobs import Job, JobStore, partial_counts, reason_of
-from .names import escape
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
 from .status import StatusServer
-from .watcher import InboxWatcher, scan
+from .watcher import InboxWatcher
 
 log = logging.getLogger("alertd.supervisor")
 
@@ -71,10 +70,7 @@ class Supervisor:
         self._watcher: InboxWatcher | None = None
         self._status: StatusServer | None = None
         self._retention = Retention(cfg.state_dir)
-        # Claims run one at a time in a thread (they fsync); None in the queue = rescan.
-        self._arrivals: asyncio.Queue[Path | None] = asyncio.Queue()
-        self._queued: set[Path] = set()
-        self._rescan_queued = False
+        self._claims = Claims(self.store, lambda: self.cfg, self._on_job)
         self._tasks: list[asyncio.Task[None]] = []
         self._exit_code = EXIT_OK
 
@@ -90,10 +86,10 @@ class Supervisor:
         signals.install(loop, self.controls)
         for _ in range(cfg.workers.count):
             self._spawn()
-        self._watcher = InboxWatcher(inbox, self._on_arrival, self._rescan)
+        self._watcher = InboxWatcher(inbox, self._claims.arrived, self._claims.rescan)
         self._watcher.start(loop)
-        self._rescan()
-        self._background(self._claimer(), "claims")
+        self._claims.rescan()
+        self._background(self._claims.run(), "claims")
         self._status = StatusServer(cfg, self.snapshot)
         await self._status.start()
         await self._wait_ready()
@@ -169,7 +165,7 @@ class Supervisor:
             systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.jobs)} jobs, "
                                    f"{pending} pending rows")
             if n % 10 == 0 and not self.draining:
-                self._rescan()  # inotify can overflow; a rescan costs one listdir
+                self._claims.rescan()  # inotify can overflow; a rescan costs one listdir
             if n % 60 == 0:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, self._retention.collect,
@@ -206,47 +202,15 @@ class Supervisor:
         log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
                  time.monotonic() - t)
 
-    def _on_arrival(self, path: Path) -> None:
-        if self.draining or path.parent != self.cfg.paths.inbox_dir or path in self._queued:
-            return
-        self._queued.add(path)
-        self._arrivals.put_nowait(path)
-
-    def _rescan(self) -> None:
-        if not self._rescan_queued:
-            self._rescan_queued = True
-            self._arrivals.put_nowait(None)
-
-    async def _claimer(self) -> None:
-        """Claims, one at a time, off the event loop: a claim fsyncs (job id, manifest)
-        and reads the file's head, none of which may stall the status API, signals or
-        acks. (Planning stays on the loop: a long line costs it one scan of that line.)"""
-        loop = asyncio.get_running_loop()
-        while True:
-            path = await self._arrivals.get()
-            if self.draining:
-                continue
-            if path is None:
-                self._rescan_queued = False
-                for p in await loop.run_in_executor(None, scan, self.cfg.paths.inbox_dir):
-                    self._on_arrival(p)
-                continue
-            self._queued.discard(path)  # from now on a new arrival under this name counts
-            try:
-                job = await loop.run_in_executor(None, self.store.claim, path, self.cfg.csv,
-                                                 self.cfg.workers.chunk_bytes)
-            except Exception as e:  # e.g. jobseq cannot be written: the file stays, retried
-                log.error("cannot claim %s: %s", escape(path.name), reason_of(e))
-                continue
-            if job is None:
-                continue
-            try:
-                job.open_plan()
-            except (OSError, InputError) as e:
-                job.fail(reason_of(e))
-            self.jobs[job.id] = job
-            self._maybe_finalize(job)
-            self._pump()
+    def _on_job(self, job: Job) -> None:
+        """A file was claimed: plan it and hand out its chunks."""
+        try:
+            job.open_plan()
+        except (OSError, InputError) as e:
+            job.fail(reason_of(e))
+        self.jobs[job.id] = job
+        self._maybe_finalize(job)
+        self._pump()
 
     def _maybe_finalize(self, job: Job) -> None:
         if not job.final:
@@ -433,6 +397,7 @@ class Supervisor:
             self._hurry()
             return
         self.draining = True
+        self._claims.stop()
         systemd.notify("STOPPING=1")
         log.info("draining: no new files or chunks; finishing requests in flight")
         if self._watcher is not None:
