@@ -1,8 +1,9 @@
 """Reading a spool file: the header, line-aligned spans (pread), and the rows of a span.
 
 Owns the byte-level truth of a row (its exact file offset and its bytes) and the rule for
-what a bad row is. Must never scan a whole file up front, hold more than one span's bytes,
-or silently drop a line: every line of a span is yielded, and a bad one raises BadRow.
+what a bad row is. Must never scan a whole file up front, hold more than one span's bytes
+(nor a line longer than max_line_bytes), or silently drop a line: every line of a span is
+yielded, and a bad one raises BadRow.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import mmap
 import operator
 import os
 from collections.abc import Iterator
-from itertools import accumulate, count
+from itertools import accumulate, chain, count
 
 from .config import CsvConfig
 from .errors import InputError
@@ -70,7 +71,8 @@ def layout_for(header_line: bytes | None, csv_cfg: CsvConfig) -> CsvLayout:
                              f"got {msg_col!r}")
         return CsvLayout(delimiter=delim.encode(), ncols=0, id_index=int(id_col),
                          msg_index=int(msg_col) if msg_col else -1,
-                         max_id_length=csv_cfg.max_id_length)
+                         max_id_length=csv_cfg.max_id_length,
+                         max_line_bytes=csv_cfg.max_line_bytes)
     if not header_line.strip():
         raise InputError(f"no {csv_cfg.id_column!r} column: the header line is empty")
     names = _column_names(header_line, delim)
@@ -85,11 +87,17 @@ def layout_for(header_line: bytes | None, csv_cfg: CsvConfig) -> CsvLayout:
         msg_index = names.index(csv_cfg.message_column)
     return CsvLayout(delimiter=delim.encode(), ncols=len(names),
                      id_index=names.index(csv_cfg.id_column), msg_index=msg_index,
-                     max_id_length=csv_cfg.max_id_length)
+                     max_id_length=csv_cfg.max_id_length, max_line_bytes=csv_cfg.max_line_bytes)
 
 
-def plan(buf: Buffer, start: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """Lazily yield line-aligned (start, end) spans covering [start, len(buf)) exactly."""
+def plan(buf: Buffer, start: int, chunk_bytes: int,
+         max_line_bytes: int = CsvConfig.max_line_bytes) -> Iterator[tuple[int, int]]:
+    """Lazily yield line-aligned (start, end) spans covering [start, len(buf)) exactly.
+
+    Every span is at most chunk_bytes + max_line_bytes long, or is one single line longer
+    than max_line_bytes (read_rows rejects it without holding it). max_line_bytes 0:
+    unbounded, the plan of jobs claimed before the bound existed (their WALs name its spans).
+    """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     size = len(buf)
@@ -97,20 +105,36 @@ def plan(buf: Buffer, start: int, chunk_bytes: int) -> Iterator[tuple[int, int]]
     while pos < size:
         # Searching from pos + chunk_bytes - 1 makes every span but the last at least
         # chunk_bytes long while only ever touching the bytes around each boundary.
-        nl = buf.find(b"\n", pos + chunk_bytes - 1)
+        b = pos + chunk_bytes - 1
+        if not max_line_bytes:
+            nl = buf.find(b"\n", b)
+        else:
+            nl = buf.find(b"\n", b, b + max_line_bytes + 1)
+            if nl < 0 and b + max_line_bytes + 1 < size:
+                # No newline within max_line_bytes of b: the line holding byte b is too
+                # long. Cut before it, and make it a span of its own.
+                line = max(pos, buf.rfind(b"\n", pos, b) + 1)
+                if line > pos:
+                    yield pos, line
+                nl = buf.find(b"\n", b + max_line_bytes + 1)
+                pos, end = line, (size if nl < 0 else nl + 1)
+                yield pos, end
+                pos = end
+                continue
         end = size if nl < 0 else nl + 1
         yield pos, end
         pos = end
 
 
 class FileView:
-    """`len()` and `find(b"\n", pos)` over an open file with pread, for plan().
+    """`len()`, `find()` and `rfind()` of b"\\n" over an open file with pread, for plan().
 
     The supervisor plans over this rather than an mmap: a file truncated under it
     then gives a short read, never a SIGBUS, and no page of the file stays resident.
     """
 
-    BLOCK = 64 * 1024
+    BLOCK = 64 * 1024  # the first read: a boundary's newline is usually within a few bytes
+    MAX_BLOCK = 1 << 20  # reads grow to this through a long line
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
@@ -119,15 +143,29 @@ class FileView:
     def __len__(self) -> int:
         return self.size
 
-    def find(self, sub: bytes, pos: int) -> int:
-        while pos < self.size:
-            block = os.pread(self.fd, min(self.BLOCK, self.size - pos), pos)
-            if not block:
+    def find(self, sub: bytes, pos: int, end: int | None = None) -> int:
+        end = self.size if end is None else min(end, self.size)
+        block = self.BLOCK
+        while pos < end:
+            data = os.pread(self.fd, min(block, end - pos), pos)
+            if not data:
                 return -1  # truncated since we looked: the caller's span ends at size
-            i = block.find(sub)
+            i = data.find(sub)
             if i >= 0:
                 return pos + i
-            pos += len(block)
+            pos += len(data)
+            block = min(block * 2, self.MAX_BLOCK)
+        return -1
+
+    def rfind(self, sub: bytes, start: int, end: int) -> int:
+        """The last `sub` (one byte) in [start, end), or -1."""
+        while end > start:
+            n = min(self.BLOCK, end - start)
+            data = os.pread(self.fd, n, end - n)
+            i = data.rfind(sub)
+            if i >= 0:
+                return end - n + i
+            end -= n
         return -1
 
 
@@ -140,8 +178,12 @@ def read_span(fd: int, start: int, end: int) -> bytes:
     return data
 
 
-def rows(buf: Buffer, base: int, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """Yield (file offset of the line, line without its \\n or \\r\\n) for every line in [start, end)."""
+def rows(buf: Buffer, base: int, start: int, end: int,
+         max_line_bytes: int = 0) -> Iterator[tuple[int, bytes | LongLine]]:
+    """Yield (file offset of the line, line without its \\n or \\r\\n) for every line in [start, end).
+
+    With max_line_bytes, a longer line comes as a LongLine (its first bytes and length).
+    """
     # One copy of the span, a C-level split and C-level offset sums (no Python frame per
     # row) cost about a third of find()/slice over the mmap; the copy is one span, not the file.
     data = bytes(buf[start - base:end - base])
@@ -155,10 +197,87 @@ def rows(buf: Buffer, base: int, start: int, end: int) -> Iterator[tuple[int, by
     offsets = map(operator.add, accumulate(map(len, lines), initial=start), count(0, step))
     # `offsets` reads the unstripped `lines` lazily; line i's offset never depends on line i.
     if step == 1 and data.find(b"\r") >= 0:
-        return zip(offsets, [ln[:-1] if ln[-1:] == b"\r" else ln for ln in lines])
-    if lines and lines[-1][-1:] == b"\r" and not data.endswith(sep):
-        lines[-1] = lines[-1][:-1]  # a last line "...\r" at EOF with no \n
-    return zip(offsets, lines)
+        out = [ln[:-1] if ln[-1:] == b"\r" else ln for ln in lines]
+    else:
+        out = lines
+        if lines and lines[-1][-1:] == b"\r" and not data.endswith(sep):
+            lines[-1] = lines[-1][:-1]  # a last line "...\r" at EOF with no \n
+    if max_line_bytes and len(data) > max_line_bytes and max(map(len, out)) > max_line_bytes:
+        # A new list: `offsets` still reads the lengths of the real lines.
+        out = [LongLine(ln[:LongLine.HEAD], len(ln), max_line_bytes)
+               if len(ln) > max_line_bytes else ln for ln in out]
+    return zip(offsets, out)
+
+
+class LongLine:
+    """A line longer than max_line_bytes, in place of its bytes: its first HEAD bytes
+    (for rejects/<job>.jsonl) and its length.
+
+    parse() starts by decoding a line; decoding this raises its BadRow, so a long line
+    is rejected like any other bad row and the hot path checks nothing extra per row.
+    """
+
+    __slots__ = ("head", "length", "limit")
+    HEAD = 1024
+
+    def __init__(self, head: bytes, length: int, limit: int) -> None:
+        self.head = head
+        self.length = length
+        self.limit = limit
+
+    @property
+    def reason(self) -> str:
+        return f"line too long: {self.length} bytes > max_line_bytes {self.limit}"
+
+    def decode(self, *_: object) -> str:
+        raise BadRow(self.reason)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: slice) -> bytes:
+        return self.head[index]
+
+    def __repr__(self) -> str:
+        return f"LongLine({self.head[:16]!r}..., {self.length})"
+
+
+def read_rows(fd: int, start: int, end: int,
+              max_line_bytes: int = 0) -> Iterator[tuple[int, bytes | LongLine]]:
+    """The rows of the span [start, end) of an open file, as rows() gives them.
+
+    Reads everything before it returns (a file truncated under us raises OSError
+    here, not in the middle of the rows). A first line longer than max_line_bytes
+    is scanned for its end in blocks, never held: with plan()'s spans nothing else
+    can be that long, so memory stays within chunk_bytes + max_line_bytes.
+    """
+    lead: list[tuple[int, bytes | LongLine]] = []
+    pos = start
+    probe = max_line_bytes + 2  # more than a line of max_line_bytes and its \r\n
+    if max_line_bytes and end - start > probe:
+        head = read_span(fd, start, min(end, start + max(probe, LongLine.HEAD)))
+        if b"\n" not in head[:probe]:
+            nl = _find_strict(fd, b"\n", start + probe, end)
+            stop = end if nl < 0 else nl
+            length = stop - start - (read_span(fd, stop - 1, stop) == b"\r")
+            lead.append((start, LongLine(head[:min(LongLine.HEAD, length)], length,
+                                         max_line_bytes)))
+            pos = end if nl < 0 else nl + 1
+    if pos >= end:
+        return iter(lead)
+    tail = rows(read_span(fd, pos, end), pos, pos, end, max_line_bytes)
+    return chain(lead, tail) if lead else tail
+
+
+def _find_strict(fd: int, sub: bytes, pos: int, end: int) -> int:
+    """find() over [pos, end) that raises OSError when the file ends before `end`."""
+    while pos < end:
+        data = read_span(fd, pos, min(end, pos + FileView.MAX_BLOCK))
+        i = data.find(sub)
+        if i >= 0:
+            return pos + i
+        pos += len(data)
+    return -1
 
 
 class BadRow(Exception):
@@ -183,12 +302,12 @@ def _split_quoted(text: str, delim: str) -> list[str]:
         raise BadRow(f"bad quoting: {e}") from None
 
 
-def parse(line: bytes, layout: CsvLayout) -> tuple[str, str | None]:
+def parse(line: bytes | LongLine, layout: CsvLayout) -> tuple[str, str | None]:
     """(user_id, message from the message column or None); raises BadRow with the reason."""
     if not line:
         raise BadRow("empty line")
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8")  # a LongLine raises its BadRow here
     except UnicodeDecodeError:
         raise BadRow("invalid UTF-8") from None
     # Checked on the str: `b"\0" in bytes` costs ten times `"\0" in str` on CPython 3.11.

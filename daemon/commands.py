@@ -237,7 +237,9 @@ def _find_job(cfg: Config, job: str) -> tuple[Path, dict[str, Any]]:
         mpath = d / (f"{job}.manifest.json" if d.name == "done" else f"{job}.json")
         if mpath.exists():
             doc = orjson.loads(mpath.read_bytes())
-            for name in (d / f"{job}--{doc['name']}", sd / "done" / f"{job}--{doc['name']}"):
+            # The spool name (kept in done/ too) is shortened or escaped; the manifest has it.
+            base = Path(doc["spool"]).name if "spool" in doc else f"{job}--{doc['name']}"
+            for name in (d / base, sd / "done" / base):
                 if name.exists():
                     return name, doc
     raise AlertdError(f"verify: no job {job} with a source file in {sd}/done or {sd}/spool")
@@ -271,9 +273,11 @@ def verify(cfg: Config, job: str) -> int:
     if size > doc["data_start"]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for start, end in chunker.plan(chunker.FileView(fd, size), doc["data_start"], 1 << 20):
-                for off, _line in chunker.rows(chunker.read_span(fd, start, end), start, start,
-                                               end):
+            # A line longer than max_line_bytes is one row, skipped in blocks (never held).
+            max_line = doc["layout"].get("max_line_bytes", 0)
+            for start, end in chunker.plan(chunker.FileView(fd, size), doc["data_start"], 1 << 20,
+                                           max_line):
+                for off, _line in chunker.read_rows(fd, start, end, max_line):
                     rows += 1
                     i, bit = off >> 3, 1 << (off & 7)
                     if not once[i] & bit:

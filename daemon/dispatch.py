@@ -21,7 +21,8 @@ from typing import Any
 
 from . import wal
 from .config import CsvConfig
-from .jobs import Job, JobStore, partial_counts
+from .errors import InputError
+from .jobs import Job, JobStore, partial_counts, reason_of
 from .protocol import Chunk, Counts
 
 log = logging.getLogger("alertd.dispatch")
@@ -62,6 +63,8 @@ class Dispatcher:
         self.priority[job.id] = priority
         self._queued[priority].append(job.id)
         self._promote()
+        if self.state(job.id) == "queued":
+            job.park()
 
     def state(self, job_id: str) -> str:
         return "queued" if any(job_id in q for q in self._queued.values()) else "running"
@@ -75,8 +78,11 @@ class Dispatcher:
             job = self.jobs[self._queued[level].popleft()]
             self._running[level].append(job.id)
             self._promoted += 1
-            job.open_plan()
-            self._finalize_if_final(job)  # an empty file is final at once
+            try:
+                job.open_plan()
+            except (OSError, InputError) as e:  # e.g. a spool file swapped or cut since
+                job.fail(reason_of(e))
+            self._finalize_if_final(job)  # an empty or unreadable file is final at once
 
     def next_chunk(self) -> Chunk | None:
         """The next chunk to hand out: the highest level with work, round robin inside it;

@@ -7,6 +7,7 @@ WALs prove final. Never talks to workers.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from . import chunker
+from . import chunker, names
 from .config import CsvConfig
 from .errors import InputError
 from .protocol import Chunk, Counts, CsvLayout, Outcome
@@ -58,10 +59,50 @@ def looks_binary(head: bytes) -> bool:
     return bad * 10 > len(head)
 
 
+def open_regular(path: Path) -> int:
+    """Open a spool file for reading only if it is a regular file (never follows a symlink,
+    never blocks on a FIFO); InputError names what it is instead."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("not a regular file (a symbolic link); not read") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"not a regular file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'special')}); "
+                         f"not read")
+    return fd
+
+
+def inspect(fd: int, csv: CsvConfig) -> tuple[CsvLayout, int]:
+    """The layout of an open CSV file and the offset of its first row; InputError when
+    the file cannot be a job (binary, no id column, a header too long)."""
+    head = os.pread(fd, SNIFF_BYTES, 0)
+    if looks_binary(head):
+        raise InputError("binary file (control bytes in the first 64 KiB), not CSV text")
+    if csv.header and b"\n" not in head and len(head) == SNIFF_BYTES:
+        raise InputError("header line longer than 64 KiB")
+    header, start = chunker.read_header(head, csv.header)
+    return chunker.layout_for(header, csv), start
+
+
+def reason_of(e: Exception) -> str:
+    """An error as a failed/ reason: an OSError without its path (which may hold a raw name)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
 @dataclass
 class Job:
     id: str
-    name: str  # original file name
+    name: str  # original file name, escaped (names.escape): manifest, summary, payload
     spool: Path
     layout: CsvLayout
     chunk_bytes: int
@@ -91,13 +132,23 @@ class Job:
         """How far planning has got: rows known so far lie before this offset."""
         return self._plan_pos
 
+    def park(self) -> None:
+        """Queued behind other jobs: give the descriptor back; open_plan opens the spool
+        file again (only alertd writes spool/), so queued jobs cost no descriptor."""
+        if self._fd is not None and self._plan is None:
+            os.close(self._fd)
+            self._fd = None
+
     def open_plan(self) -> None:
+        """Start planning, over the descriptor the claim opened (or a checked new one);
+        raises OSError or InputError if the spool file is gone or not a regular file."""
         if self.size <= self.data_start:
-            self.planned_all = True
+            self._close_plan()
             return
-        self._fd = os.open(self.spool, os.O_RDONLY | os.O_CLOEXEC)
+        if self._fd is None:
+            self._fd = open_regular(self.spool)
         self._plan = chunker.plan(chunker.FileView(self._fd, self.size), self.data_start,
-                                  self.chunk_bytes)
+                                  self.chunk_bytes, self.layout.max_line_bytes)
         self._plan_pos = self.data_start
 
     def next_chunk(self) -> Chunk | None:
@@ -160,7 +211,8 @@ class Job:
                 "data_start": self.data_start, "size": self.size,
                 "layout": {"delimiter": lay.delimiter.decode(), "ncols": lay.ncols,
                            "id_index": lay.id_index, "msg_index": lay.msg_index,
-                           "max_id_length": lay.max_id_length}}
+                           "max_id_length": lay.max_id_length,
+                           "max_line_bytes": lay.max_line_bytes}}
 
 
 def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], Counts]:
@@ -182,111 +234,145 @@ class JobStore:
                   state_dir / "rejects"):
             d.mkdir(parents=True, exist_ok=True)
         self._seq_file = state_dir / "jobseq"
-        self._last = self._load_last_id()
+        self._last, self._claiming = self._load_last_id()
 
-    def _load_last_id(self) -> int:
-        last = 0
+    def _load_last_id(self) -> tuple[int, dict[str, str]]:
+        last, claiming = 0, {}
         try:
-            last = int(self._seq_file.read_text().strip() or 0)
+            text = self._seq_file.read_text().strip() or "0"
+            if text.isdigit():  # the format before the name was kept beside the id
+                last = int(text)
+            else:
+                doc = orjson.loads(text)
+                last = int(doc["last"])
+                claiming = {f"j{last:06d}": str(doc["name"])}
         except FileNotFoundError:
             pass
-        except ValueError:
+        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             log.error("%s is corrupt; recomputing from existing jobs", self._seq_file)
         for d in (self.spool, self.done, self.failed):
             for name in os.listdir(d):
                 m = re.match(r"^j(\d{6,})", name)
                 if m:
                     last = max(last, int(m.group(1)))
-        return last
+        return last, claiming
 
-    def allocate_id(self) -> str:
-        # Persisted before the claim so an id is never reused, even if done/ is cleaned.
+    def allocate_id(self, name: str) -> str:
+        # Persisted before the claim so an id is never reused, even if done/ is cleaned;
+        # with the name it is claimed for, because a crash between the rename and the
+        # manifest would otherwise leave only the (maybe shortened) spool name.
         self._last += 1
-        write_atomic(self._seq_file, str(self._last).encode())
+        write_atomic(self._seq_file, orjson.dumps({"last": self._last, "name": name}))
         return f"j{self._last:06d}"
 
     def claim(self, path: Path, csv: CsvConfig, chunk_bytes: int) -> Job | None:
         """Move `path` into the spool and open it as a job; None if it vanished, is not a
-        regular file, or cannot be read (then it is in failed/ with a .reason)."""
+        regular file, or cannot be read (then it is in failed/ with a .reason).
+
+        Blocking (fsyncs): the supervisor runs it in a thread, one claim at a time.
+        """
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(st.st_mode):
-            return None
-        job_id = self.allocate_id()
-        spool = self.spool / f"{job_id}--{path.name}"
+            return None  # directories, symlinks, FIFOs... stay in the inbox, never opened
+        name = names.escape(path.name)
+        job_id = self.allocate_id(name)
+        spool = self.spool / names.state_name(job_id, name)
         try:
             os.rename(path, spool)
         except FileNotFoundError:
             return None
+        # What was renamed may not be what lstat saw (a producer can swap the name in
+        # between): only the descriptor opened now, checked to be a regular file, is read.
+        fd = None
         try:
-            job = self._inspect(job_id, path.name, spool, csv, chunk_bytes)
-        except (InputError, OSError) as e:
-            self.move_failed(job_id, path.name, spool, str(e))
+            fd = open_regular(spool)
+            job = self._inspect(job_id, name, spool, fd, csv, chunk_bytes)
+            write_atomic(self.spool / f"{job_id}.json", orjson.dumps(job.manifest()))
+        except Exception as e:  # whatever one file does, the next claims go on
+            if fd is not None:
+                os.close(fd)
+            if not isinstance(e, (InputError, OSError)):
+                log.exception("%s (%s): unexpected error while claiming", job_id, name)
+            self.move_failed(job_id, name, spool, reason_of(e))
             return None
-        write_atomic(self.spool / f"{job_id}.json", orjson.dumps(job.manifest()))
-        log.info("claimed %s as %s (%d bytes)", path.name, job_id, job.size)
+        log.info("claimed %s as %s (%d bytes)", name, job_id, job.size)
         return job
 
-    def _inspect(self, job_id: str, name: str, spool: Path, csv: CsvConfig,
+    def _inspect(self, job_id: str, name: str, spool: Path, fd: int, csv: CsvConfig,
                  chunk_bytes: int) -> Job:
-        with open(spool, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(SNIFF_BYTES)
-        if looks_binary(head):
-            raise InputError("binary file (control bytes in the first 64 KiB), not CSV text")
-        if csv.header and b"\n" not in head and len(head) == SNIFF_BYTES:
-            raise InputError("header line longer than 64 KiB")
-        header, start = chunker.read_header(head, csv.header)
-        layout = chunker.layout_for(header, csv)
-        return Job(job_id, name, spool, layout, chunk_bytes, start, time.time(), size)
+        layout, start = inspect(fd, csv)
+        size = os.fstat(fd).st_size
+        return Job(job_id, name, spool, layout, chunk_bytes, start, time.time(), size, _fd=fd)
 
     def move_failed(self, job_id: str, name: str, spool: Path, reason: str) -> None:
-        dest = self.failed / f"{job_id}--{name}"
+        dest = self.failed / spool.name
         try:
             os.rename(spool, dest)
         except FileNotFoundError:
             pass
-        write_atomic(self.failed / f"{job_id}--{name}.reason", (reason + "\n").encode())
+        write_atomic(self.failed / f"{spool.name}.reason", f"{reason}\nfile: {name}\n".encode())
         (self.spool / f"{job_id}.json").unlink(missing_ok=True)
         log.error("%s (%s) failed: %s", job_id, name, reason)
 
     def load_unfinished(self, csv: CsvConfig, chunk_bytes: int) -> list[Job]:
-        """Jobs with a manifest in spool/ (and spool files that crashed before theirs)."""
+        """Jobs with a manifest in spool/ (and spool files that crashed before theirs).
+
+        A spool entry that is not a regular file (swapped in during a claim that then
+        crashed) goes to failed/ unread; one job's bad state never stops the start.
+        """
         jobs = []
         for entry in sorted(os.listdir(self.spool)):
             m = JOB_RE.match(entry)
             if not m:
                 continue
-            job_id, name = m.groups()
-            spool = self.spool / entry
-            mpath = self.spool / f"{job_id}.json"
+            job_id = m.group(1)
             try:
-                doc = orjson.loads(mpath.read_bytes())
-            except FileNotFoundError:
-                doc = None
-            except (OSError, orjson.JSONDecodeError) as e:
-                log.error("manifest %s unreadable (%s): rebuilding it", mpath, e)
-                doc = None
-            if (self.done / f"{job_id}.summary.json").exists():
-                self._finish_moves(job_id, name, spool)
+                job = self._load_one(job_id, self.spool / entry, csv, chunk_bytes)
+            except Exception as e:  # logged; the files stay for an operator, the start goes on
+                log.exception("%s: cannot recover %s: %s", job_id, names.escape(entry), e)
                 continue
-            if doc is None:
-                try:
-                    job = self._inspect(job_id, name, spool, csv, chunk_bytes)
-                except (InputError, OSError) as e:
-                    self.move_failed(job_id, name, spool, str(e))
-                    continue
-                write_atomic(mpath, orjson.dumps(job.manifest()))
-            else:
-                lay = doc["layout"]
-                job = Job(job_id, name, spool,
-                          CsvLayout(lay["delimiter"].encode(), lay["ncols"], lay["id_index"],
-                                    lay["msg_index"], lay["max_id_length"]),
-                          doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"])
-            jobs.append(job)
+            if job is not None:
+                jobs.append(job)
+        self._claiming = {}
         return jobs
+
+    def _load_one(self, job_id: str, spool: Path, csv: CsvConfig, chunk_bytes: int) -> Job | None:
+        mpath = self.spool / f"{job_id}.json"
+        try:
+            doc = orjson.loads(mpath.read_bytes())
+        except FileNotFoundError:
+            doc = None
+        except (OSError, orjson.JSONDecodeError) as e:
+            log.error("manifest %s unreadable (%s): rebuilding it", mpath, e)
+            doc = None
+        # The escaped name: the manifest's, else the one jobseq kept for the claim that
+        # crashed before writing it, else what the spool name holds.
+        name = doc["name"] if doc else self._claiming.get(job_id) or \
+            names.escape(spool.name.split("--", 1)[1])
+        if (self.done / f"{job_id}.summary.json").exists():
+            self._finish_moves(job_id, spool)
+            return None
+        if doc is None:
+            fd = None
+            try:
+                fd = open_regular(spool)
+                job = self._inspect(job_id, name, spool, fd, csv, chunk_bytes)
+            except (InputError, OSError) as e:
+                if fd is not None:
+                    os.close(fd)
+                self.move_failed(job_id, name, spool, reason_of(e))
+                return None
+            write_atomic(mpath, orjson.dumps(job.manifest()))
+            return job
+        lay = doc["layout"]
+        return Job(job_id, name, spool,
+                   CsvLayout(lay["delimiter"].encode(), lay["ncols"], lay["id_index"],
+                             lay["msg_index"], lay["max_id_length"],
+                             lay.get("max_line_bytes", 0)),  # 0: planned before the bound
+                   doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"])
 
     def finalize(self, job: Job) -> dict:
         """Write the summary, move the file to done/, drop the manifest (in that order,
@@ -304,12 +390,12 @@ class JobStore:
         if job.failed:
             self.move_failed(job.id, job.name, job.spool, job.failed)
         else:
-            self._finish_moves(job.id, job.name, job.spool)
+            self._finish_moves(job.id, job.spool)
         return summary
 
-    def _finish_moves(self, job_id: str, name: str, spool: Path) -> None:
+    def _finish_moves(self, job_id: str, spool: Path) -> None:
         try:
-            os.rename(spool, self.done / f"{job_id}--{name}")
+            os.rename(spool, self.done / spool.name)
         except FileNotFoundError:
             pass
         try:  # kept beside the summary: `alertd verify` needs the job's layout

@@ -62,6 +62,7 @@ class CsvLayout:
     id_index: int = 0
     msg_index: int = -1  # -1: the message comes from [alert] message
     max_id_length: int = 256
+    max_line_bytes: int = 65536  # longer lines are rejected unread; 0 = unbounded (old jobs)
 
 
 @dataclass(frozen=True, slots=True)

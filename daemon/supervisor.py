@@ -13,25 +13,24 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from . import ratelimit, signals, systemd, worker
 from .breaker import Breaker
+from .claims import Claims
 from .config import Config
 from .dispatch import Dispatcher
-from .errors import ConfigError
-from .jobs import JobStore
+from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
+from .jobs import Job, JobStore
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
 from .status import StatusServer
-from .watcher import InboxWatcher, scan
+from .watcher import InboxWatcher
 
 log = logging.getLogger("alertd.supervisor")
 
@@ -68,11 +67,12 @@ class Supervisor:
         self.reload_counts = {"succeeded": 0, "failed": 0}  # for /metrics
         self.started_at = time.time()
         self._stopped = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._failed = False
         self._watcher: InboxWatcher | None = None
         self._status: StatusServer | None = None
         self._retention = Retention(cfg.state_dir)
+        self._claims = Claims(self.store, lambda: self.cfg, self._on_job)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exit_code = EXIT_OK
 
     # ------------------------------------------------------------ main loop
 
@@ -89,13 +89,14 @@ class Supervisor:
         signals.install(loop, self.controls)
         for _ in range(cfg.workers.count):
             self._spawn()
-        self._watcher = InboxWatcher(inbox, self._on_arrival, self._rescan)
+        self._watcher = InboxWatcher(inbox, self._claims.arrived, self._claims.rescan)
         self._watcher.start(loop)
-        self._rescan()
+        self._claims.rescan()
+        self._background(self._claims.run(), "claims")
         await self._wait_ready()
         systemd.notify("READY=1", f"STATUS=watching {inbox}")
         log.info("alertd ready: %d workers, watching %s", cfg.workers.count, inbox)
-        ticker = loop.create_task(self._tick())
+        self._background(self._tick(), "housekeeping")
         while not self._stopped.is_set():
             get = loop.create_task(self.controls.get())
             stop = loop.create_task(self._stopped.wait())
@@ -105,17 +106,40 @@ class Supervisor:
                 self._control(get.result())
             else:
                 get.cancel()
-        ticker.cancel()
+        for t in self._tasks:
+            t.cancel()
         await self._status.stop()
-        if self._failed:
-            for w in self.workers.values():  # their outcomes are in the WALs; a restart resumes
-                w.proc.kill()
-                w.proc.join(5)
         self.shared.release()
-        if self._failed:
-            return 1
-        log.info("alertd stopped")
-        return 0
+        log.info("alertd stopped" if self._exit_code == EXIT_OK else
+                 f"alertd stopped after a fatal error (exit status {self._exit_code})")
+        return self._exit_code
+
+    def _background(self, coro: Any, name: str, forever: bool = True) -> None:
+        """Run a task beside the main loop. If it fails, or a `forever` one ends at all, the
+        supervisor is no longer whole and the daemon ends."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        t.add_done_callback(self._task_done if forever else self._oneoff_done)
+        self._tasks.append(t)
+
+    def _oneoff_done(self, t: asyncio.Task[None]) -> None:
+        self._tasks.remove(t)
+        if not t.cancelled() and t.exception() is not None:
+            self._task_done(t)
+
+    def _task_done(self, t: asyncio.Task[None]) -> None:
+        if t.cancelled():
+            return
+        exc = t.exception()
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned"
+        # Half alive (no rescans, no hung-worker kill, no watchdog pings) is worse than
+        # dead: stop, and let the exit status tell systemd to restart us.
+        log.critical("fatal: the supervisor's %s task ended (%s); stopping with exit status %d "
+                     "so that the service manager restarts alertd", t.get_name(), what,
+                     EXIT_FAILURE, exc_info=exc)
+        self._exit_code = EXIT_FAILURE
+        if not self.draining:
+            self.handle_term()
+        self._hurry()
 
     def _control(self, c: Control) -> None:
         if c is Control.RELOAD:
@@ -149,7 +173,7 @@ class Supervisor:
             systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.dispatch.jobs)} jobs, "
                                    f"{pending} pending rows")
             if n % 10 == 0 and not self.draining:
-                self._rescan()  # inotify can overflow; a rescan costs one listdir
+                self._claims.rescan()  # inotify can overflow; a rescan costs one listdir
             if n % 60 == 0:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, self._retention.collect,
@@ -170,22 +194,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ files and jobs
 
-    def _on_arrival(self, path: Path) -> None:
-        if self.draining or path.parent != self.cfg.paths.inbox_dir:
-            return
-        try:
-            job = self.store.claim(path, self.cfg.csv, self.cfg.workers.chunk_bytes)
-        except OSError as e:
-            log.error("cannot claim %s: %s", path, e)
-            return
-        if job is None:
-            return
+    def _on_job(self, job: Job) -> None:
+        """A file was claimed: it joins the schedule and its chunks go out."""
         self.dispatch.add(job)
         self._pump()
-
-    def _rescan(self) -> None:
-        for path in scan(self.cfg.paths.inbox_dir):
-            self._on_arrival(path)
 
     def _pump(self) -> None:
         """Hand out chunks until every live worker holds PREFETCH or nothing is left."""
@@ -264,7 +276,7 @@ class Supervisor:
         self.shared.slot(w.index).pid = 0
         if w.chunks:
             held, w.chunks = list(w.chunks.values()), {}
-            self._background(self._requeue(held))
+            self._background(self._requeue(held), "requeue", forever=False)
         if not (self.draining or w.retiring):
             log.error("worker %d (pid %s) exited with %s; replacing it", w.index, w.proc.pid, code)
             young = time.monotonic() - w.started < 5
@@ -274,21 +286,6 @@ class Supervisor:
         if self.draining and not self.workers:
             self._stopped.set()
         self._pump()
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` beside the main loop; if it fails the supervisor is no longer whole,
-        so it stops with the error rather than run half alive (systemd restarts it)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.critical("internal error, stopping: %r", task.exception(),
-                         exc_info=task.exception())
-            self._failed = True
-            self._stopped.set()
 
     def _respawn(self) -> None:
         if not self.draining:
@@ -355,6 +352,7 @@ class Supervisor:
             self._hurry()
             return
         self.draining = True
+        self._claims.stop()
         systemd.notify("STOPPING=1")
         log.info("draining: no new files or chunks; finishing requests in flight")
         if self._watcher is not None:

@@ -2,7 +2,8 @@
 
 Only close-write and moved-to count as "a file arrived", so a file still
 being written is never claimed; dotfiles and *.tmp / *.part are skipped until
-renamed. This module never moves or opens files: the supervisor claims them.
+renamed. Events that cannot be read become a rescan, never a lost file. This
+module never moves or opens files: the supervisor claims them.
 """
 from __future__ import annotations
 
@@ -56,11 +57,12 @@ class _Handler(pyinotify.ProcessEvent):
 
 class InboxWatcher:
     """Calls `on_path` for each file that arrives; `on_overflow` when events were lost
-    (the caller rescans)."""
+    or could not be read (the caller rescans)."""
 
     def __init__(self, inbox: Path, on_path: Callable[[Path], None],
                  on_overflow: Callable[[], None]) -> None:
         self.inbox = inbox
+        self._on_overflow = on_overflow
         self._wm = pyinotify.WatchManager()
         self._notifier = pyinotify.Notifier(
             self._wm, _Handler(on_path=on_path, on_overflow=on_overflow), timeout=0)
@@ -74,12 +76,23 @@ class InboxWatcher:
         loop.add_reader(self._wm.get_fd(), self._readable)
 
     def _readable(self) -> None:
+        lost = False
         try:
             if self._notifier.check_events(timeout=0):
                 self._notifier.read_events()
-                self._notifier.process_events()
+        except Exception as e:
+            # pyinotify decodes names as strict UTF-8: one name that is not (b"bad\xff.csv")
+            # raises here, and the events after it in the buffer are gone. A rescan finds them.
+            log.warning("inotify: cannot read events (%s: %s); rescanning the inbox",
+                        type(e).__name__, e)
+            lost = True
+        try:
+            self._notifier.process_events()  # including those queued before a failure
         except Exception:  # a watcher bug must not kill the supervisor's loop
-            log.exception("inotify event handling failed")
+            log.exception("inotify event handling failed; rescanning the inbox")
+            lost = True
+        if lost:
+            self._on_overflow()
 
     def stop(self) -> None:
         if self._loop is not None:

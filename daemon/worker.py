@@ -290,16 +290,16 @@ class Worker:
     def _open_chunk(self, chunk: Chunk) -> ChunkState | None:
         try:
             # pread, not mmap: a file truncated under us gives a short read, never SIGBUS.
-            fd = os.open(chunk.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                data = chunker.read_span(fd, chunk.start, chunk.end)
+            fd = os.open(chunk.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:  # a line longer than max_line_bytes is skipped in blocks, never held
+                rows = chunker.read_rows(fd, chunk.start, chunk.end, chunk.layout.max_line_bytes)
             finally:
                 os.close(fd)
         except OSError as e:
             log.error("worker %d: %s chunk %d unreadable: %s", self.index, chunk.job, chunk.seq, e)
             self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
             return None
-        cs = ChunkState(chunk, chunker.rows(data, chunk.start, chunk.start, chunk.end))
+        cs = ChunkState(chunk, rows)
         self._cur = cs
         return cs
 
