@@ -73,8 +73,8 @@ def test_priority_is_strict_and_round_robin_within_a_level(setup):
 def test_queued_jobs_hold_no_plan_until_a_slot_frees(setup, monkeypatch):
     monkeypatch.setattr(dispatch, "MAX_RUNNING", 2)
     store, inbox, d = setup
-    jobs = [_claim(store, inbox, f"f{i}.csv", 3) for i in range(5)]
     fds_before = len(os.listdir("/proc/self/fd"))
+    jobs = [_claim(store, inbox, f"f{i}.csv", 3) for i in range(5)]  # a claim keeps its fd
     for j in jobs:
         d.add(j)
     assert len(os.listdir("/proc/self/fd")) - fds_before == 2  # two open plans, not five

@@ -237,8 +237,11 @@ def test_fifo_and_symlink_swaps_raced_against_a_running_daemon(tmp_path, mock, a
         i += 1
     swaps = caught()
     poll(lambda: not a.status()["jobs"], 30, "the claimed files to be delivered")
+    # The last entry swapped in is a FIFO or a symlink: left alone in the inbox, or, when
+    # the swap landed inside a claim of the file before it, moved to failed/ with it.
     left = os.listdir(inbox)
-    assert left == ["race.csv"] and not stat.S_ISREG(os.lstat(target).st_mode)
+    assert left in ([], ["race.csv"]), left
+    assert not left or not stat.S_ISREG(os.lstat(target).st_mode)
     for r in (a.state / "failed").glob("*.reason"):
         assert r.read_text().startswith("not a regular file ("), r.read_text()
     delivered = sum(s["delivered"] for s in a.summaries())
