@@ -1,4 +1,4 @@
-"""`alertd` command line: run, reload, status, tail, verify, dlq.
+"""`alertd` command line: run, reload, status, tail, check, verify, dlq.
 
 Maps errors to exit codes (see errors.py); everything else lives in the
 modules it calls. Each subcommand takes --config.
@@ -12,7 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from . import __version__, commands, config, statedir
+from . import __version__, check, commands, config, statedir
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AlertdError, ConfigError
 
 
@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
              "Exit 1 if any row has none or more than one.")
     p.add_argument("job", help="job id, e.g. j000042 (see `alertd status` or done/)")
 
+    p = _sub(sub, "check", "dry run: read a file as a job would, send nothing",
+             "Read FILE exactly as a job would (same header rules, planner, row reader and\n"
+             "parser) and send nothing: rows, rejected rows by reason (the first few with\n"
+             "their offsets), the estimated duration at [rate] limit, and one sample alert\n"
+             "rendered with the configured secrets. Needs no daemon; memory stays bounded\n"
+             "by one chunk. Exit 1 when the file would fail as a job (binary, no id\n"
+             "column, not a regular file), 0 otherwise.")
+    p.add_argument("file", help="the CSV file to check")
+
     p = _sub(sub, "dlq", "dead letters: list them, or replay them with their original ids",
              "list: the dead-letter files (dlq/<job>.jsonl) with their line counts.\n"
              "replay: resend the dead letters of a finished job (or of every finished job)\n"
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        strict = args.cmd in ("run", "reload")
+        strict = args.cmd in ("run", "reload", "check")
         cfg = config.load(args.config) if strict else _load_for_reading(args.config)
     except ConfigError as e:
         print(f"alertd: {e}{_where_configs_come_from(args.config)}", file=sys.stderr)
@@ -132,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "tail":
             return commands.tail(cfg, follow=args.follow, lines=args.lines, as_json=args.json,
                                  job=args.job, outcome=args.outcome)
+        if args.cmd == "check":
+            return check.check(cfg, Path(args.file))
         if args.cmd == "verify":
             return commands.verify(cfg, args.job)
         if args.cmd == "dlq" and args.action == "replay":

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import post_json, start_mock, stop_process
 from tests.procs import ROOT, Alertd, poll, write_config
 
-COMMANDS = ["run", "status", "tail", "verify", "dlq"]
+COMMANDS = ["run", "reload", "status", "tail", "check", "verify", "dlq"]
 
 
 def alertd_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
