@@ -242,6 +242,10 @@ def _find_job(cfg: Config, job: str) -> tuple[Path, dict[str, Any]]:
             for name in (d / base, sd / "done" / base):
                 if name.exists():
                     return name, doc
+            if (sd / "done" / f"{job}.summary.json").exists():
+                raise AlertdError(f"verify: {job}: its source file is gone (removed after the job "
+                                  f"finished, by [retention] done_files); the summary stays in "
+                                  f"{sd}/done/{job}.summary.json")
     raise AlertdError(f"verify: no job {job} with a source file in {sd}/done or {sd}/spool")
 
 

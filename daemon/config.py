@@ -121,6 +121,11 @@ class WalConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    done_files: float = key(86400.0, ge=0)  # a finished job's source leaves done/; 0 = at once
+
+
+@dataclass(frozen=True)
 class StatusConfig:
     listen: str = key("alertd.sock")  # unix socket (relative to state_dir) or 127.0.0.1:PORT
     token: str = key("", secret=True)  # bearer token, required for a TCP listener
@@ -143,6 +148,7 @@ class Config:
     wal: WalConfig = field(default_factory=WalConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: Path | None = None  # the file this was loaded from
     # One line each, for the operator (e.g. secrets inline in a file others can read);
     # not part of the value, so a reload that only changes a warning changes nothing.

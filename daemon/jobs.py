@@ -225,7 +225,8 @@ def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], C
 class JobStore:
     """The state directory's job files: ids, spool, manifests, done/, failed/."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, keep_sources: bool = True) -> None:
+        self.keep_sources = keep_sources  # False: a finished job's file is removed, not kept in done/
         self.state_dir = state_dir
         self.spool = state_dir / "spool"
         self.done = state_dir / "done"
@@ -395,7 +396,10 @@ class JobStore:
 
     def _finish_moves(self, job_id: str, spool: Path) -> None:
         try:
-            os.rename(spool, self.done / spool.name)
+            if self.keep_sources:
+                os.rename(spool, self.done / spool.name)
+            else:  # [retention] done_files = 0: the summary and manifest are what stays
+                os.unlink(spool)
         except FileNotFoundError:
             pass
         try:  # kept beside the summary: `alertd verify` needs the job's layout

@@ -57,7 +57,7 @@ class Supervisor:
         self.log_level = log_level
         self.ctx = multiprocessing.get_context("spawn")
         self.shared = Shared.create(self.ctx)
-        self.store = JobStore(cfg.state_dir)
+        self.store = JobStore(cfg.state_dir, keep_sources=cfg.retention.done_files > 0)
         self.dispatch = Dispatcher(cfg.state_dir, self.store)
         self.workers: dict[int, WorkerHandle] = {}
         self.generation = 0
@@ -178,6 +178,8 @@ class Supervisor:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, self._retention.collect,
                                            self.cfg.wal.retention)
+                await loop.run_in_executor(None, self._retention.collect_done,
+                                           self.cfg.retention.done_files)
 
     def _kill_hung(self, now: float) -> None:
         """A worker whose loop has not ticked for HUNG_AFTER s is stuck: kill it; the exit
@@ -325,6 +327,7 @@ class Supervisor:
         for w in new.warnings:
             log.warning("%s", w)
         self.cfg = new
+        self.store.keep_sources = new.retention.done_files > 0
         ratelimit.configure(self.shared, new.rate.limit, new.rate.effective_burst)
         if new.workers.count != old.workers.count:
             self._replace_generation()

@@ -51,3 +51,34 @@ def test_done_sources_go_after_done_files_seconds_summaries_stay(tmp_path):
     assert r.collect_done(keep_seconds=0) == 1  # 0: as soon as the summary exists
     assert not (done / "j000002--users list.csv").exists()
     assert (done / "j000003--no summary yet.csv").exists()
+
+
+def _state_bytes(state) -> int:
+    """Bytes of the files under state_dir, WAL segments aside (wal.retention governs them)."""
+    total = 0
+    for root, dirs, files in os.walk(state):
+        dirs[:] = [d for d in dirs if d != "wal"]
+        total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
+    return total
+
+
+def test_twenty_drops_of_a_100mb_file_with_done_files_0_keep_the_disk_flat(tmp_path, mock, alertd):
+    from tests.procs import write_config
+    port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", port, retention={"done_files": 0}))
+    # 100 MB in 100 lines over max_line_bytes: each is rejected without being sent, so the
+    # test measures the files, not the delivery rate.
+    src = tmp_path / "big.csv"
+    with open(src, "wb") as f:
+        f.write(b"user_id\n" + (b"x" * (1 << 20) + b"\n") * 100)
+    sizes = []
+    for i in range(20):
+        a.drop_link(src, f"big-{i}.csv")
+        [*_, s] = a.wait_summaries(i + 1, timeout=60)
+        assert s["rows"] == 100 and s["rejected"] == 100, s
+        sizes.append(_state_bytes(a.state))
+    print(f"\nstate_dir without WALs after each of 20 drops of 100 MB: "
+          f"{min(sizes) / 2**20:.1f}-{max(sizes) / 2**20:.1f} MiB")
+    assert max(sizes) < 20 << 20, sizes  # one source would be 100 MB: none is kept
+    r = a.cli("verify", s["job"])
+    assert r.returncode == 1 and "its source file is gone" in r.stderr, r.stdout + r.stderr
