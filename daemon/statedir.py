@@ -80,22 +80,23 @@ def _make_dir(path: Path, what: str, created: list[Path], parents: bool) -> None
         raise ConfigError(f"config: {what} {path} exists and is not a folder")
 
 
-def _tighten(path: Path) -> None:
+def _tighten(path: Path, mask: int = 0o027) -> None:
     """A folder of ours that group members may write or others may enter: 0750 at most
-    (it holds user IDs). Never called on the inbox. Only a folder this user owns, and
+    (it holds user IDs); `mask` 0o026 keeps others' right to pass through (not to list) to
+    an inbox inside it. Never called on the inbox. Only a folder this user owns, and
     never a shared sticky one (a state_dir of /tmp must not turn /tmp into 1750): for
     those, a warning says what to do."""
     try:
         st = os.stat(path)
         mode = stat.S_IMODE(st.st_mode)
-        if not mode & 0o027:
+        if not mode & mask:
             return
         if st.st_uid != os.geteuid() or mode & stat.S_ISVTX:
             log.warning("%s is mode %o: others may read the user IDs in it; chmod %o it",
-                        path, mode, mode & ~0o027 & ~stat.S_ISVTX)
+                        path, mode, mode & ~mask & ~stat.S_ISVTX)
             return
-        os.chmod(path, mode & ~0o027)
-        log.info("tightened %s from %o to %o (it holds user IDs)", path, mode, mode & ~0o027)
+        os.chmod(path, mode & ~mask)
+        log.info("tightened %s from %o to %o (it holds user IDs)", path, mode, mode & ~mask)
     except OSError as e:
         log.warning("cannot tighten the mode of %s: %s", path, e.strerror)
 
@@ -138,7 +139,9 @@ def prepare(cfg: Config) -> Prepared:
                               f"as state_dir {state}")
         for sub in SUBDIRS:
             _make_dir(state / sub, "[paths] state_dir", done.created, parents=False)
-        for p in (state, *(state / s for s in SUBDIRS)):
+        # Producers reach an inbox inside state_dir through it: they may pass, not list.
+        _tighten(state, 0o026 if inbox.parent == state else 0o027)
+        for p in (state / s for s in SUBDIRS):
             if p != inbox:
                 _tighten(p)
     except BaseException:

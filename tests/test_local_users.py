@@ -260,3 +260,29 @@ def test_idle_connections_are_bounded_and_do_not_starve_the_daemon(tmp_path, moc
         assert a.stop() == 0
     log = a.log()
     assert "Too many open files" not in log and "EMFILE" not in log
+
+
+def test_producers_keep_their_way_through_the_state_dir_to_its_inbox(tmp_path):
+    from alertd import config, statedir
+    for before, after in ((0o751, 0o751), (0o755, 0o751), (0o775, 0o751)):
+        state = tmp_path / f"s{before:o}"
+        state.mkdir()
+        state.chmod(before)
+        cfg = write_config(tmp_path / f"s{before:o}.toml", 9, paths={"state_dir": str(state)})
+        prepared = statedir.prepare(config.load(cfg))
+        try:
+            assert stat.S_IMODE(os.stat(state).st_mode) == after, (oct(before), oct(after))
+            for sub in statedir.SUBDIRS:  # what holds user IDs: nobody else may even enter
+                assert stat.S_IMODE(os.stat(state / sub).st_mode) == 0o750, sub
+        finally:
+            os.close(prepared.lock_fd)
+    # An inbox elsewhere: the state dir needs no passage for others.
+    state, inbox = tmp_path / "t", tmp_path / "in"
+    state.mkdir(mode=0o751)
+    inbox.mkdir()
+    cfg = write_config(tmp_path / "t.toml", 9, paths={"state_dir": str(state), "inbox": str(inbox)})
+    prepared = statedir.prepare(config.load(cfg))
+    try:
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o750
+    finally:
+        os.close(prepared.lock_fd)
