@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +27,15 @@ def wanted(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
 
 
-def scan(inbox: Path) -> list[Path]:
-    """Regular files already in the inbox, oldest first."""
+SCAN_QUIET = 5.0  # seconds: a file modified more recently than this is not taken by a scan
+
+
+def scan(inbox: Path, quiet: float = SCAN_QUIET) -> list[Path]:
+    """Regular files already in the inbox, oldest first, except those modified in the
+    last `quiet` seconds: a scan cannot tell a finished file from one still being written
+    in place (its close-write event, or the next scan, brings it once it is quiet)."""
     found = []
+    newest = time.time_ns() - int(quiet * 1e9)
     try:
         entries = list(os.scandir(inbox))
     except OSError as e:
@@ -37,7 +44,9 @@ def scan(inbox: Path) -> list[Path]:
     for e in entries:
         try:
             if wanted(e.name) and e.is_file(follow_symlinks=False):
-                found.append((e.stat(follow_symlinks=False).st_mtime_ns, e.name))
+                mtime = e.stat(follow_symlinks=False).st_mtime_ns
+                if mtime <= newest:
+                    found.append((mtime, e.name))
         except OSError:
             continue  # vanished between listing and stat
     return [inbox / name for _, name in sorted(found)]

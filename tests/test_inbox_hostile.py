@@ -354,3 +354,19 @@ def test_rows_around_a_long_line_keep_their_offsets(tmp_path, mock, alertd):
                for r in reasons)
     assert a.cli("verify", s["job"]).returncode == 0
     assert get_stats(port)["unique"] == 400 - want_rejected
+
+
+def test_a_file_written_in_place_slowly_is_claimed_whole(tmp_path, mock, alertd):
+    """A producer that writes in place (no rename) for longer than the 10 s rescan: the
+    scan leaves a file modified in the last seconds alone; its close-write brings it."""
+    port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", port))
+    path = a.cfg.paths.inbox_dir / "slow.csv"
+    with open(path, "wb", buffering=0) as f:
+        f.write(b"user_id\n")
+        for i in range(13):  # a row a second: past at least one periodic rescan
+            f.write(b"slow%d\n" % i)
+            time.sleep(1)  # the producer's own pace, not a synchronisation
+    [s] = a.wait_summaries(1, timeout=30)
+    assert (s["file"], s["rows"], s["delivered"]) == ("slow.csv", 13, 13), s
+    assert a.cli("verify", s["job"]).returncode == 0
