@@ -63,7 +63,7 @@ def _state_bytes(state) -> int:
 
 
 def test_twenty_drops_of_a_100mb_file_with_done_files_0_keep_the_disk_flat(tmp_path, mock, alertd):
-    from tests.procs import write_config
+    from tests.procs import poll, write_config
     port = mock()
     a = alertd(write_config(tmp_path / "a.toml", port, retention={"done_files": 0}))
     # 100 MB in 100 lines over max_line_bytes: each is rejected without being sent, so the
@@ -76,6 +76,8 @@ def test_twenty_drops_of_a_100mb_file_with_done_files_0_keep_the_disk_flat(tmp_p
         a.drop_link(src, f"big-{i}.csv")
         [*_, s] = a.wait_summaries(i + 1, timeout=60)
         assert s["rows"] == 100 and s["rejected"] == 100, s
+        # The summary is written just before the source goes: measure once it has.
+        poll(lambda s=s: not list(a.state.glob(f"*/{s['job']}--*")), 10, "the source to go")
         sizes.append(_state_bytes(a.state))
     print(f"\nstate_dir without WALs after each of 20 drops of 100 MB: "
           f"{min(sizes) / 2**20:.1f}-{max(sizes) / 2**20:.1f} MiB")
