@@ -29,7 +29,7 @@ class Report:
     valid: int = 0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: list[tuple[int, str]] = field(default_factory=list)
-    sample: tuple[int, str, str] | None = None  # offset, user id, message
+    sample: tuple[int, str, str, dict[str, str] | None] | None = None  # offset, id, message, fields
 
 
 def scan(cfg: Config, fd: int) -> Report:
@@ -41,8 +41,12 @@ def scan(cfg: Config, fd: int) -> Report:
     for s, e in chunker.plan(view, start, cfg.workers.chunk_bytes, layout.max_line_bytes):
         for off, line in chunker.read_rows(fd, s, e, layout.max_line_bytes):
             rep.rows += 1
+            fields = None
             try:
-                uid, msg = chunker.parse(line, layout)
+                if layout.has_fields:  # what the worker does: fields too, and their rules
+                    uid, msg, fields = chunker.parse_fields(line, layout)
+                else:
+                    uid, msg = chunker.parse(line, layout)
             except chunker.BadRow as err:
                 rep.rejected[err.reason] += 1
                 if len(rep.examples) < EXAMPLES:
@@ -50,7 +54,7 @@ def scan(cfg: Config, fd: int) -> Report:
                 continue
             rep.valid += 1
             if rep.sample is None:
-                rep.sample = (off, uid, msg if msg is not None else cfg.alert.message)
+                rep.sample = (off, uid, msg if msg is not None else cfg.alert.message, fields)
     return rep
 
 
@@ -61,10 +65,11 @@ def _duration(rows: int, limit: float) -> str:
     return f"{s:.1f} s at {limit:g}/s" if s < 120 else f"{s / 60:.1f} min at {limit:g}/s"
 
 
-def render_sample(cfg: Config, name: str, sample: tuple[int, str, str]) -> str:
-    off, uid, msg = sample
+def render_sample(cfg: Config, name: str,
+                  sample: tuple[int, str, str, dict[str, str] | None]) -> str:
+    off, uid, msg, fields = sample
     hdr, body = Payloads(cfg.webhook.secrets).build(f"j000000:{off}", uid, msg, name, off,
-                                                     time.time())
+                                                     time.time(), fields)
     lines = [f"POST {redact_url(cfg.webhook.url)}", "content-type: application/json",
              *(f"{k}: <set in config>" for k, _ in cfg.webhook.headers),
              *hdr.decode().strip().split("\r\n"), "", body.decode()]

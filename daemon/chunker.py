@@ -69,10 +69,18 @@ def layout_for(header_line: bytes | None, csv_cfg: CsvConfig) -> CsvLayout:
         if msg_col and not msg_col.isdigit():
             raise InputError(f"message column must be a column number without a header, "
                              f"got {msg_col!r}")
+        rest = csv_cfg.data_columns == ("*",)
+        data: list[tuple[str, int]] = []
+        for c in () if rest else csv_cfg.data_columns:
+            if not (c.isascii() and c.isdigit()):
+                raise InputError(f"data columns must be column numbers without a header, "
+                                 f"got {c!r}")
+            data.append((str(int(c)), int(c)))
         return CsvLayout(delimiter=delim.encode(), ncols=0, id_index=int(id_col),
                          msg_index=int(msg_col) if msg_col else -1,
                          max_id_length=csv_cfg.max_id_length,
-                         max_line_bytes=csv_cfg.max_line_bytes)
+                         max_line_bytes=csv_cfg.max_line_bytes, data_columns=tuple(data),
+                         data_rest=rest)
     if not header_line.strip():
         raise InputError(f"no {csv_cfg.id_column!r} column: the header line is empty")
     names = _column_names(header_line, delim)
@@ -85,9 +93,31 @@ def layout_for(header_line: bytes | None, csv_cfg: CsvConfig) -> CsvLayout:
             raise InputError(f"no {csv_cfg.message_column!r} message column in header "
                              f"(columns: {listing})")
         msg_index = names.index(csv_cfg.message_column)
-    return CsvLayout(delimiter=delim.encode(), ncols=len(names),
-                     id_index=names.index(csv_cfg.id_column), msg_index=msg_index,
-                     max_id_length=csv_cfg.max_id_length, max_line_bytes=csv_cfg.max_line_bytes)
+    id_index = names.index(csv_cfg.id_column)
+    return CsvLayout(delimiter=delim.encode(), ncols=len(names), id_index=id_index,
+                     msg_index=msg_index, max_id_length=csv_cfg.max_id_length,
+                     max_line_bytes=csv_cfg.max_line_bytes,
+                     data_columns=_data_columns(names, csv_cfg.data_columns, id_index, msg_index))
+
+
+def _data_columns(names: list[str], wanted: tuple[str, ...], id_index: int,
+                  msg_index: int) -> tuple[tuple[str, int], ...]:
+    """(name, index) of each column for data.fields; InputError naming a missing column."""
+    listing = ", ".join(names)
+    if wanted == ("*",):
+        picked = [(n, i) for i, n in enumerate(names) if i not in (id_index, msg_index)]
+    else:
+        for n in wanted:
+            if n not in names:
+                raise InputError(f"no {n!r} column for [csv] data_columns in header "
+                                 f"(columns: {listing})")
+        picked = [(n, names.index(n)) for n in wanted]
+    for n, _ in picked:
+        if names.count(n) > 1:
+            # Both cannot be keys of data.fields; sending either would hide the other.
+            raise InputError(f"column {n!r} of [csv] data_columns appears {names.count(n)} "
+                             f"times in header (columns: {listing})")
+    return tuple(picked)
 
 
 def plan(buf: Buffer, start: int, chunk_bytes: int,
@@ -332,3 +362,23 @@ def parse(line: bytes | LongLine, layout: CsvLayout) -> tuple[str, str | None]:
     if size > layout.max_id_length:
         raise BadRow(f"user id longer than {layout.max_id_length} bytes")
     return uid, (fields[layout.msg_index] if layout.msg_index >= 0 else None)
+
+
+def parse_fields(line: bytes | LongLine,
+                 layout: CsvLayout) -> tuple[str, str | None, dict[str, str]]:
+    """parse() and the row's data.fields (column name -> value as in the file, unquoted,
+    not stripped); for layouts with data columns only, which pay for it alone."""
+    uid, msg = parse(line, layout)  # every rule of a good row stays in parse()
+    # parse() accepted the line: it is UTF-8 bytes (never a LongLine), its quotes balance,
+    # and it filled _DELIMS. Splitting it again costs only rows that send fields.
+    text = line.decode("utf-8")
+    delim = _DELIMS[layout.delimiter]
+    cells = text.split(delim) if '"' not in text else _split_quoted(text, delim)
+    if layout.data_rest:
+        skip = (layout.id_index, layout.msg_index)
+        return uid, msg, {str(i): v for i, v in enumerate(cells) if i not in skip}
+    try:
+        return uid, msg, {name: cells[i] for name, i in layout.data_columns}
+    except IndexError:  # no header (the count is not checked): the row is too short
+        need = max(i for _, i in layout.data_columns) + 1
+        raise BadRow(f"expected at least {need} columns, got {len(cells)}") from None

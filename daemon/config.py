@@ -46,6 +46,29 @@ def _secret_list(value: Any) -> tuple[str, ...]:
     return tuple(credentials.check_secret(v, "[webhook] secrets") for v in values)
 
 
+def _data_columns(value: Any) -> tuple[str | int, ...]:
+    """[csv] data_columns: names, column numbers (without a header, checked with the
+    section) or ["*"]; each at most once."""
+    if not isinstance(value, list):
+        shown = repr(value) if isinstance(value, str) else _kind(value)
+        raise _fail("csv", "data_columns", f"must be an array of column names, column numbers "
+                    f"or [\"*\"], got {shown}")
+    seen: set[str | int] = set()
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise _fail("csv", "data_columns", f"must hold column names (strings) or column "
+                        f"numbers, got {_kind(v)}")
+        if v == "" or (isinstance(v, int) and v < 0):
+            raise _fail("csv", "data_columns", f"must not hold {v!r}: name a column, or number "
+                        f"it from 0")
+        if v in seen:
+            raise _fail("csv", "data_columns", f"names {v!r} twice")
+        seen.add(v)
+    if "*" in seen and len(value) > 1:
+        raise _fail("csv", "data_columns", '"*" (every other column) must be the only entry')
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     state_dir: Path = key(Path("/var/lib/alertd"))
@@ -105,6 +128,9 @@ class CsvConfig:
     delimiter: str = key(",")
     max_id_length: int = key(256, ge=1)  # bytes
     max_line_bytes: int = key(65536, ge=1)  # longer lines are rejected, skipped without being held
+    # Columns sent as data.fields: names; column numbers as strings when header = false
+    # (the section check turns integers into them); ("*",) = all but id and message.
+    data_columns: tuple[str, ...] = key((), parse=_data_columns)
 
 
 @dataclass(frozen=True)
@@ -268,7 +294,7 @@ def _check_retry(r: RetryConfig) -> None:
                     f"got {r.max_delay:g}")
 
 
-def _check_csv(c: CsvConfig) -> None:
+def _check_csv(c: CsvConfig) -> CsvConfig:
     d = c.delimiter
     if len(d) != 1 or d in "\"\r\n" or ord(d) > 127:
         raise _fail("csv", "delimiter", f"must be one ASCII character other than a quote or "
@@ -281,6 +307,20 @@ def _check_csv(c: CsvConfig) -> None:
             if v and not v.isdigit() and not (k == "id_column" and v == "user_id"):
                 raise _fail("csv", k, f"must be a column number (0 = first) when header = "
                             f"false, got {v!r}")
+    cols: list[str] = []
+    for v in c.data_columns:
+        if c.header and isinstance(v, int):
+            raise _fail("csv", "data_columns", f"must name columns of the header (strings) when "
+                        f"header = true, got the number {v}")
+        if not c.header and v != "*":
+            if isinstance(v, str) and not (v.isascii() and v.isdigit()):
+                raise _fail("csv", "data_columns", f"must be column numbers (0 = first) when "
+                            f"header = false, got {v!r}")
+            v = str(int(v))  # 3, "3" and "03" are one column, named "3" in data.fields
+            if v in cols:
+                raise _fail("csv", "data_columns", f"names column {v} twice")
+        cols.append(v)
+    return dataclasses.replace(c, data_columns=tuple(cols))
 
 
 def from_dict(raw: dict[str, Any], base: Path) -> Config:
@@ -292,7 +332,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
     s = {name: _section(raw, name, base) for name in _SECTIONS}
     s["webhook"] = _check_webhook(s["webhook"])
     _check_retry(s["retry"])
-    _check_csv(s["csv"])
+    s["csv"] = _check_csv(s["csv"])
     kind, _ = parse_listen(s["status"].listen, s["paths"].state_dir)
     if kind == "tcp" and not s["status"].token:
         raise _fail("status", "token", "is required when [status] listen is a TCP address")

@@ -212,7 +212,9 @@ class Job:
                 "layout": {"delimiter": lay.delimiter.decode(), "ncols": lay.ncols,
                            "id_index": lay.id_index, "msg_index": lay.msg_index,
                            "max_id_length": lay.max_id_length,
-                           "max_line_bytes": lay.max_line_bytes}}
+                           "max_line_bytes": lay.max_line_bytes,
+                           "data_columns": [list(c) for c in lay.data_columns],
+                           "data_rest": lay.data_rest}}
 
 
 def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], Counts]:
@@ -372,7 +374,10 @@ class JobStore:
         return Job(job_id, name, spool,
                    CsvLayout(lay["delimiter"].encode(), lay["ncols"], lay["id_index"],
                              lay["msg_index"], lay["max_id_length"],
-                             lay.get("max_line_bytes", 0)),  # 0: planned before the bound
+                             lay.get("max_line_bytes", 0),  # 0: planned before the bound
+                             # absent: claimed before data_columns, sent without fields
+                             tuple((n, i) for n, i in lay.get("data_columns", ())),
+                             lay.get("data_rest", False)),
                    doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"])
 
     def finalize(self, job: Job) -> dict:

@@ -54,14 +54,17 @@ class Recorder:
         cs.counts.count(Outcome.REJECTED)
 
     def final(self, cs: ChunkState, off: int, uid: str, msg: str, attempts: int, dup: bool,
-              outcome: Outcome, status: int, err: str | None) -> None:
+              outcome: Outcome, status: int, err: str | None,
+              fields: dict[str, str] | None = None) -> None:
         """The row at `off` ends as `outcome` (delivered or dead)."""
         job, now = cs.chunk.job, time.time()
         if outcome is Outcome.DEAD:
-            self.side.write("dlq", job, orjson.dumps(
-                {"id": f"{job}:{off}", "job": job, "offset": off, "user_id": uid,
-                 "message": msg, "file": cs.chunk.name, "attempts": attempts,
-                 "status": status, "error": err, "ts": now}) + b"\n")
+            entry = {"id": f"{job}:{off}", "job": job, "offset": off, "user_id": uid,
+                     "message": msg, "file": cs.chunk.name, "attempts": attempts,
+                     "status": status, "error": err, "ts": now}
+            if fields is not None:  # a replay sends the same body as the first attempts
+                entry["fields"] = fields
+            self.side.write("dlq", job, orjson.dumps(entry) + b"\n")
         self.wal.append(wal.encode_row(job, cs.chunk.seq, off, outcome.value, status, attempts,
                                        dup, uid, now, err))
         cs.counts.count(outcome, dup)

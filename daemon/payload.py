@@ -65,8 +65,11 @@ class Payloads:
         self._ts_bytes = str(sec).encode()
 
     def build(self, alert_id: str, user_id: str, message: str, file: str, offset: int,
-              now: float) -> tuple[bytes, bytes]:
+              now: float, fields: dict[str, str] | None = None) -> tuple[bytes, bytes]:
         """Return (header_lines, body) for one alert sent at wall-clock time `now`.
+
+        `fields` ([csv] data_columns) goes into the body as data.fields; None leaves the
+        body without the key, byte for byte as before data_columns existed.
 
         header_lines holds `webhook-id`, `webhook-timestamp` and, when secrets
         are set, `webhook-signature`, each ending in CRLF. alert_id must only
@@ -76,10 +79,12 @@ class Payloads:
         sec = int(now)
         if sec != self._sec:
             self._tick(sec)
+        data = {"user_id": user_id, "message": message, "file": file, "offset": offset}
+        if fields is not None:
+            data["fields"] = fields
         body = _dumps({"type": "alert",
                        "timestamp": self._iso_prefix + _MILLIS[int((now - sec) * 1000.0)],
-                       "data": {"user_id": user_id, "message": message, "file": file,
-                                "offset": offset}})
+                       "data": data})
         head = b"webhook-id: " + alert_id.encode() + b"\r\nwebhook-timestamp: " + self._ts_bytes
         macs = self._macs
         if not macs:

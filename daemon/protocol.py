@@ -63,6 +63,16 @@ class CsvLayout:
     msg_index: int = -1  # -1: the message comes from [alert] message
     max_id_length: int = 256
     max_line_bytes: int = 65536  # longer lines are rejected unread; 0 = unbounded (old jobs)
+    # [csv] data_columns resolved: (name in data.fields, column index). () = no `fields` key.
+    data_columns: tuple[tuple[str, int], ...] = ()
+    # No header and data_columns = ["*"]: every column of each row but the id and message
+    # ones, named by its number (rows may differ in length: the count is not checked).
+    data_rest: bool = False
+    # Whether rows carry data.fields: derived, so the worker tests one attribute per row.
+    has_fields: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "has_fields", bool(self.data_columns) or self.data_rest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,7 @@ class _Sender:
             while not self.gone:
                 await self.budget.acquire()
                 hdr, body = self.payloads.build(e["id"], e["user_id"], e["message"], e["file"],
-                                                e["offset"], time.time())
+                                                e["offset"], time.time(), e.get("fields"))
                 attempts += 1
                 try:
                     r = await self.pool.post(hdr, body)

@@ -36,13 +36,15 @@ RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock,
 
 
 class _Alert:
-    __slots__ = ("cs", "off", "uid", "msg", "attempts", "dup", "last", "busy")
+    __slots__ = ("cs", "off", "uid", "msg", "fields", "attempts", "dup", "last", "busy")
 
-    def __init__(self, cs: ChunkState, off: int, uid: str, msg: str) -> None:
+    def __init__(self, cs: ChunkState, off: int, uid: str, msg: str,
+                 fields: dict[str, str] | None = None) -> None:
         self.cs = cs
         self.off = off
         self.uid = uid
         self.msg = msg
+        self.fields = fields  # data.fields ([csv] data_columns); None: no such key
         self.attempts = 0  # attempts that count toward retry.max_attempts
         self.dup = False  # a request may have reached the receiver without us knowing
         self.last: tuple[int, str] = (0, "")  # last status and error
@@ -260,14 +262,20 @@ class Worker:
             for off, line in cs.rows:
                 if off in cs.chunk.done:
                     continue
+                lay = cs.chunk.layout
+                fields = None
                 try:
-                    uid, msg = chunker.parse(line, cs.chunk.layout)
+                    if lay.has_fields:
+                        uid, msg, fields = chunker.parse_fields(line, lay)
+                    else:  # the plain parse: no cost for data_columns when there are none
+                        uid, msg = chunker.parse(line, lay)
                 except chunker.BadRow as e:
                     self.outcomes.reject(cs, off, line, e.reason)
                     continue
                 cs.outstanding += 1
                 self._pending += 1
-                return _Alert(cs, off, uid, msg if msg is not None else self.cfg.alert.message)
+                return _Alert(cs, off, uid, msg if msg is not None else self.cfg.alert.message,
+                              fields)
             cs.parsed = True
             cs.rows = None
             self._cur = None
@@ -319,7 +327,7 @@ class Worker:
         a.attempts += 1
         chunk = a.cs.chunk
         hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name, a.off,
-                                        time.time())
+                                        time.time(), a.fields)
         # Plain ints here; the heartbeat copies them to shared memory (ctypes is slower).
         self._n_sent += 1
         try:
@@ -427,7 +435,8 @@ class Worker:
     def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
         a.busy = False
         self._pending -= 1
-        self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err)
+        self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err,
+                            a.fields)
 
 
 def main(index: int, conn: Connection, cfg: Config, shared: Shared, log_level: int) -> None:

@@ -12,6 +12,7 @@ from alertd.chunker import (
     FileView,
     layout_for,
     parse,
+    parse_fields,
     plan,
     read_header,
     read_span,
@@ -233,3 +234,108 @@ def test_end_to_end_file(tmp_path: Path) -> None:
 def test_read_header_refuses_a_huge_first_line() -> None:
     with pytest.raises(InputError, match="binary file"):
         read_header(b"\x01" * (chunker.MAX_HEADER + 10), True)
+
+
+# ------------------------------------------------------------------ data.fields ([csv] data_columns)
+
+HEAD = b'user_id,"city", plan ,message,note'
+
+
+def test_layout_names_the_data_columns_in_config_order() -> None:
+    lay = layout_for(HEAD, CsvConfig(message_column="message", data_columns=("note", "city")))
+    assert lay.data_columns == (("note", 4), ("city", 1)) and not lay.data_rest
+    assert lay.has_fields
+    # "*": every column but the id and message ones, in file order.
+    lay = layout_for(HEAD, CsvConfig(message_column="message", data_columns=("*",)))
+    assert lay.data_columns == (("city", 1), ("plan", 2), ("note", 4))
+    lay = layout_for(HEAD, CsvConfig(data_columns=("*",)))  # no message column: it is a field
+    assert [n for n, _ in lay.data_columns] == ["city", "plan", "message", "note"]
+    # Named explicitly, even the id column may be sent as a field (unstripped).
+    lay = layout_for(HEAD, CsvConfig(data_columns=("user_id",)))
+    assert lay.data_columns == (("user_id", 0),)
+    assert parse_fields(b" u1 ,a,b,c,d", lay) == ("u1", None, {"user_id": " u1 "})
+
+
+def test_no_data_columns_is_the_layout_of_before() -> None:
+    for cfg in (CsvConfig(), CsvConfig(data_columns=())):
+        lay = layout_for(HEAD, cfg)
+        assert lay == CsvLayout(ncols=5, id_index=0) and not lay.has_fields
+    lay = layout_for(b"user_id,message", CsvConfig(message_column="message", data_columns=("*",)))
+    assert lay.data_columns == () and not lay.has_fields  # nothing else to send: no key
+
+
+def test_a_missing_data_column_fails_the_file_naming_it() -> None:
+    with pytest.raises(InputError, match=r"no 'country' column for \[csv\] data_columns in "
+                                         r"header \(columns: user_id, city, plan, message, note\)"):
+        layout_for(HEAD, CsvConfig(data_columns=("city", "country")))
+    with pytest.raises(InputError, match="'City'"):  # names are case-sensitive, like id_column
+        layout_for(HEAD, CsvConfig(data_columns=("City",)))
+
+
+def test_a_duplicated_data_column_name_fails_the_file() -> None:
+    with pytest.raises(InputError, match=r"column 'a' of \[csv\] data_columns appears 2 times"):
+        layout_for(b"user_id,a,b,a", CsvConfig(data_columns=("a",)))
+    with pytest.raises(InputError, match="'a'"):
+        layout_for(b"user_id,a,b,a", CsvConfig(data_columns=("*",)))
+    # A duplicate that is not sent does not matter (as before data_columns).
+    assert layout_for(b"user_id,a,b,a", CsvConfig(data_columns=("b",))).data_columns == (("b", 2),)
+
+
+def test_parse_fields_values_as_in_the_file() -> None:
+    lay = layout_for(HEAD, CsvConfig(message_column="message", data_columns=("*",)))
+    line = b' u1 ,"Z\xc3\xbcrich, CH"," pro ",hi,"say ""hi"""'
+    assert parse_fields(line, lay) == ("u1", "hi", {"city": "Zürich, CH", "plan": " pro ",
+                                                    "note": 'say "hi"'})
+    assert parse_fields(b"u1,,,,", lay) == ("u1", "", {"city": "", "plan": "", "note": ""})
+    # The same id and message as parse() gives.
+    assert parse_fields(line, lay)[:2] == parse(line, lay)
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b"u1,a,b,c", "expected 5 columns, got 4"),
+    (b"u1,a,b,c,d,e", "expected 5 columns, got 6"),
+    (b' ,a,b,c,d', "missing user id"),
+    (b'u1,"a,b,c,d', "unbalanced quotes"),
+    (b'u1,"a"x,b,c,d', "bad quoting"),
+    (b"u1,\xff,b,c,d", "invalid UTF-8"),
+    (b"u1,\x00,b,c,d", "NUL byte in row"),
+    (b"", "empty line"),
+])
+def test_parse_fields_rejects_what_parse_rejects(line: bytes, reason: str) -> None:
+    lay = layout_for(HEAD, CsvConfig(data_columns=("city", "note")))
+    for f in (parse, parse_fields):
+        with pytest.raises(BadRow) as ei:
+            f(line, lay)
+        assert ei.value.reason.startswith(reason)
+
+
+def test_parse_fields_rejects_a_long_line() -> None:
+    lay = layout_for(HEAD, CsvConfig(data_columns=("city",), max_line_bytes=10))
+    [(_, long)] = list(rows(b"u1," + b"x" * 50 + b",b,c,d\n", 0, 0, 60, 10))
+    with pytest.raises(BadRow, match="line too long"):
+        parse_fields(long, lay)
+
+
+def test_data_columns_by_number_without_a_header() -> None:
+    cfg = CsvConfig(header=False, id_column="1", message_column="0", data_columns=("3", "2"))
+    lay = layout_for(None, cfg)
+    assert lay.data_columns == (("3", 3), ("2", 2))
+    assert parse_fields(b'm,u1,"two, 2",three,extra', lay) == \
+        ("u1", "m", {"3": "three", "2": "two, 2"})
+    # The count is not checked without a header, but a data column the row lacks is.
+    with pytest.raises(BadRow, match="expected at least 4 columns, got 3"):
+        parse_fields(b"m,u1,two", lay)
+    with pytest.raises(BadRow, match="expected at least 2 columns, got 1"):
+        parse_fields(b"m", lay)
+    with pytest.raises(InputError, match="column numbers without a header, got 'city'"):
+        layout_for(None, CsvConfig(header=False, data_columns=("city",)))
+
+
+def test_star_without_a_header_sends_every_other_column_of_the_row() -> None:
+    lay = layout_for(None, CsvConfig(header=False, id_column="1", message_column="3",
+                                     data_columns=("*",)))
+    assert lay.data_rest and lay.data_columns == () and lay.has_fields
+    assert parse_fields(b"a,u1,b,m,c", lay) == ("u1", "m", {"0": "a", "2": "b", "4": "c"})
+    assert parse_fields(b"a,u1,b,m", lay) == ("u1", "m", {"0": "a", "2": "b"})
+    lay = layout_for(None, CsvConfig(header=False, data_columns=("*",)))
+    assert parse_fields(b"u1", lay) == ("u1", None, {})

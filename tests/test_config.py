@@ -157,3 +157,50 @@ def test_inline_secrets_in_a_world_readable_config_warn(tmp_path):
     p.write_text('[webhook]\nurl = "http://x/"\n')
     p.chmod(0o644)
     assert config.load(p).warnings == ()  # nothing secret in it: nothing to say
+
+
+CSV = '[webhook]\nurl = "http://x/"\n[csv]\n'
+
+
+def test_data_columns_default_is_empty(tmp_path):
+    assert load(tmp_path, CSV).csv.data_columns == ()
+
+
+@pytest.mark.parametrize("text, want", [
+    ('data_columns = ["city", "plan"]', ("city", "plan")),
+    ('data_columns = ["*"]', ("*",)),
+    ('data_columns = []', ()),
+    ('data_columns = ["3"]', ("3",)),  # a header may name a column "3"
+    ('header = false\ndata_columns = [3, "1", "007"]', ("3", "1", "7")),
+    ('header = false\ndata_columns = ["*"]', ("*",)),
+])
+def test_data_columns_accepted(tmp_path, text, want):
+    assert load(tmp_path, CSV + text + "\n").csv.data_columns == want
+
+
+@pytest.mark.parametrize("text, message", [
+    ('data_columns = "city"', "[csv] data_columns must be an array of column names, column "
+                              "numbers or [\"*\"], got 'city'"),
+    ('data_columns = {a = 1}', "[csv] data_columns must be an array"),
+    ('data_columns = [true]', "[csv] data_columns must hold column names (strings) or column "
+                              "numbers, got true/false"),
+    ('data_columns = [1.5]', "[csv] data_columns must hold column names"),
+    ('data_columns = [["a"]]', "[csv] data_columns must hold column names"),
+    ('data_columns = [""]', "[csv] data_columns must not hold ''"),
+    ('header = false\ndata_columns = [-1]', "[csv] data_columns must not hold -1"),
+    ('data_columns = ["a", "b", "a"]', "[csv] data_columns names 'a' twice"),
+    ('data_columns = ["*", "a"]', '[csv] data_columns "*" (every other column) must be the '
+                                  'only entry'),
+    ('data_columns = [2]', "[csv] data_columns must name columns of the header (strings) when "
+                           "header = true, got the number 2"),
+    ('header = false\ndata_columns = ["city"]', "[csv] data_columns must be column numbers "
+                                                "(0 = first) when header = false, got 'city'"),
+    ('header = false\ndata_columns = ["²"]', "must be column numbers"),
+    ('header = false\ndata_columns = [3, "3"]', "[csv] data_columns names column 3 twice"),
+    ('header = false\ndata_columns = ["03", "3"]', "[csv] data_columns names column 3 twice"),
+])
+def test_bad_data_columns_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, CSV + text + "\n")
+    assert str(e.value).startswith("config: [csv] data_columns ")
+    assert message in str(e.value)

@@ -91,3 +91,36 @@ def test_no_secrets_no_signature_header() -> None:
     lines, _ = Payloads([]).build("j1:5", "u", "m", "f", 5, time.time())
     assert b"webhook-signature" not in lines
     assert set(_headers(lines)) == {"webhook-id", "webhook-timestamp"}
+
+
+# Today's bytes, pinned: a body without data_columns must stay exactly this.
+PINNED_BODY = (b'{"type":"alert","timestamp":"2026-11-24T06:00:00.123Z","data":{"user_id":"u-1",'
+               b'"message":"m","file":"users.csv","offset":1234}}')
+
+
+def test_no_fields_gives_todays_bytes() -> None:
+    secret = "whsec_" + base64.b64encode(b"k" * 24).decode()
+    p = Payloads([secret])
+    now = 1795500000.123456
+    lines, body = p.build("j000042:1234", "u-1", "m", "users.csv", 1234, now)
+    assert body == PINNED_BODY
+    assert p.build("j000042:1234", "u-1", "m", "users.csv", 1234, now, None) == (lines, body)
+    want = base64.b64encode(hmac.digest(b"k" * 24, b"j000042:1234.1795500000." + PINNED_BODY,
+                                        hashlib.sha256)).decode()
+    assert _headers(lines)["webhook-signature"] == "v1," + want
+
+
+def test_fields_go_into_data_and_are_signed() -> None:
+    secret = _secret()
+    fields = {"city": " Zürich ", "plan": 'pro, "annual"', "empty": "", "3": "x"}
+    lines, body = Payloads([secret]).build("j000001:9", "u", "m", "f.csv", 9, time.time(),
+                                           fields)
+    headers = _headers(lines)
+    data = Webhook(secret).verify(body, headers)["data"]
+    assert data == {"user_id": "u", "message": "m", "file": "f.csv", "offset": 9,
+                    "fields": fields}
+    assert list(orjson.loads(body)["data"]) == ["user_id", "message", "file", "offset", "fields"]
+    assert list(data["fields"]) == list(fields)  # the order of [csv] data_columns
+    # An empty object (a row with no data column values) is still a `fields` key.
+    _, empty = Payloads([]).build("j1:0", "u", "m", "f", 0, 1795500000.5, {})
+    assert orjson.loads(empty)["data"]["fields"] == {}
