@@ -1,4 +1,5 @@
 """The status API (aiohttp): /v1/status, /metrics, /healthz, on a unix socket or loopback TCP.
+It also serves the upload route of intake.py (POST /v1/files), under the same auth.
 
 It only reads the snapshot the supervisor builds and adds what needs history
 (rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state.
@@ -29,6 +30,7 @@ from aiohttp import web
 from . import __version__, metrics
 from .config import Config
 from .errors import ConfigError
+from .intake import Intake
 
 log = logging.getLogger("alertd.status")
 
@@ -223,9 +225,11 @@ class _Gate:
 
 
 class StatusServer:
-    def __init__(self, cfg: Config, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, cfg: Config, snapshot: Callable[[], dict[str, Any]],
+                 intake: Intake | None = None) -> None:
         self._cfg = cfg
         self._snapshot = snapshot
+        self._intake = intake
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._kind, self._addr = cfg.status_address()
@@ -241,18 +245,35 @@ class StatusServer:
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._health)
+        if self._intake is not None:
+            app.router.add_post("/v1/files", self._intake.handle, expect_handler=self._expect)
         return app
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 unless the request may use the API (TCP: the bearer token)."""
+        if self._kind != "tcp" or request.path == "/healthz":
+            return None
+        # aiohttp keeps undecodable header bytes as surrogates: encode them back, so
+        # any malformed value is simply a wrong token (401), never an exception (500).
+        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
+            return None
+        resp = web.json_response({"error": "unauthorized"}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
+        if not request.content.is_eof():
+            resp.force_close()  # an upload body nobody will read
+        return resp
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if request.path != "/healthz":
-            # aiohttp keeps undecodable header bytes as surrogates: encode them back, so
-            # any malformed value is simply a wrong token (401), never an exception (500).
-            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
-                return web.json_response({"error": "unauthorized"}, status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
-        return await handler(request)
+        refused = self._refused(request)
+        return refused if refused is not None else await handler(request)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        # aiohttp answers Expect: 100-continue before the middlewares run: check here too.
+        assert self._intake is not None
+        refused = self._refused(request)
+        return refused if refused is not None else await self._intake.expect(request)
 
     def document(self) -> dict[str, Any]:
         doc = self._snapshot()
