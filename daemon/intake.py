@@ -43,12 +43,11 @@ class Refused(Exception):
         self.error = error
         self.retry_after = retry_after
 
-    def response(self, request: web.Request) -> web.Response:
+    def response(self) -> web.Response:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
-        resp = web.json_response({"error": self.error}, status=self.status, headers=headers)
-        if not request.content.is_eof():
-            resp.force_close()  # the rest of the body is not worth reading (or lingering for)
-        return resp
+        # A body still coming is read and dropped for aiohttp's lingering time, then the
+        # connection closes: closing at once could reset it before the client reads this.
+        return web.json_response({"error": self.error}, status=self.status, headers=headers)
 
 
 def check_name(name: str | None) -> str:
@@ -175,7 +174,9 @@ class Intake:
         try:
             self._precheck(request)
         except Refused as r:
-            return r.response(request)
+            resp = r.response()
+            resp.force_close()  # no body follows a refused 100-continue: no keep-alive
+            return resp
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # as aiohttp's own expect handler: not the body
         return None
@@ -189,7 +190,7 @@ class Intake:
             finally:
                 self._uploading -= 1
         except Refused as r:
-            return r.response(request)
+            return r.response()
         return web.json_response({"job": job.id, "name": name, "bytes": size}, status=201)
 
     async def _receive(self, request: web.Request, name: str, priority: str,

@@ -258,11 +258,8 @@ class StatusServer:
         got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
             return None
-        resp = web.json_response({"error": "unauthorized"}, status=401,
-                                 headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
-        if not request.content.is_eof():
-            resp.force_close()  # an upload body nobody will read
-        return resp
+        return web.json_response({"error": "unauthorized"}, status=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -273,7 +270,10 @@ class StatusServer:
         # aiohttp answers Expect: 100-continue before the middlewares run: check here too.
         assert self._intake is not None
         refused = self._refused(request)
-        return refused if refused is not None else await self._intake.expect(request)
+        if refused is None:
+            return await self._intake.expect(request)
+        refused.force_close()  # no body follows: the connection cannot be reused
+        return refused
 
     def document(self) -> dict[str, Any]:
         doc = self._snapshot()
