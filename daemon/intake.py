@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -128,6 +129,11 @@ def _remove(d: Path, name: str) -> None:
         log.error("cannot remove upload directory %s: %s", d.name, e.strerror)
 
 
+@dataclass
+class _Progress:
+    written: int = 0
+
+
 class Intake:
     """The POST /v1/files handler. `unfinished()` counts the jobs not yet final; `claim`
     claims a file at a priority and returns the scheduled job (None: not claimed);
@@ -200,10 +206,10 @@ class Intake:
         inbox = cfg.paths.inbox_dir
         shown = names.escape(name)
         d, fd = await loop.run_in_executor(None, _create, inbox, name)
-        written = 0
+        got = _Progress()
         try:
             try:
-                written = await self._stream(request, cfg, fd, length)
+                await self._stream(request, cfg, fd, length, got)
                 await loop.run_in_executor(None, _finish, fd, d)
             finally:
                 os.close(fd)
@@ -218,17 +224,18 @@ class Intake:
                 raise Refused(500, "the file could not be claimed (see failed/)")
         except BaseException as e:  # a refusal, a client gone, a disk error, a cancel
             why = e.error if isinstance(e, Refused) else f"{type(e).__name__}: {e}"
-            log.warning("upload %s refused or aborted after %d bytes: %s", shown, written, why)
+            log.warning("upload %s refused or aborted after %d bytes: %s", shown, got.written,
+                        why)
             _remove(d, name)  # at once, not in a thread: this may run while being cancelled
             raise
         _remove(d, name)
-        log.info("upload %s: %d bytes, %s at priority %s", shown, written, job.id, priority)
-        return job, written
+        log.info("upload %s: %d bytes, %s at priority %s", shown, got.written, job.id, priority)
+        return job, got.written
 
     async def _stream(self, request: web.Request, cfg: Config, fd: int,
-                      length: int | None) -> int:
+                      length: int | None, got: _Progress) -> None:
         """Copy the body to `fd`, WRITE_BYTES at a time, enforcing the limits as it
-        grows; the bytes written. The head is inspected as soon as it is on disk, so a
+        grows (`got` counts what is written). The head is inspected as soon as it is on disk, so a
         file that cannot be a job is refused before the rest of it is sent."""
         loop = asyncio.get_running_loop()
         limit = cfg.intake.max_bytes
@@ -255,6 +262,7 @@ class Intake:
                         raise Refused(507, f"not enough space: {e.strerror}") from None
                     raise Refused(500, f"cannot write the upload: {e.strerror}") from None
                 written += len(buf)
+                got.written = written
                 buf.clear()
                 if free is not None:
                     next_space = written + SPACE_EVERY
@@ -266,4 +274,4 @@ class Intake:
                 except InputError as e:
                     raise Refused(422, f"not a CSV file alertd can read: {e}") from None
             if not data:
-                return written
+                return

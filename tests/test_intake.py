@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
+from alertd.intake import free_bytes
 
 from tests.procs import Alertd, poll, write_config
 from tests.test_status import validate_response
@@ -74,7 +76,7 @@ def slow(tmp_path, mock, alertd):
     """alertd with small intake limits, sending 2 rows a second (jobs stay unfinished)."""
     port = mock()
     cfg = write_config(tmp_path / "alertd.toml", port, rate={"limit": 2, "burst": 1},
-                       intake={"max_bytes": 2 * MiB, "max_jobs": 2})
+                       intake={"max_bytes": 2 * MiB, "max_jobs": 2}, shutdown={"grace": 1.0})
     return alertd(cfg)
 
 
@@ -210,6 +212,33 @@ def test_507_when_the_upload_would_leave_less_than_min_free_bytes(tmp_path, mock
     poll(lambda: a.status()["reload"]["succeeded"] == 1, 10, "the reload")
     code, doc = upload(a, "name=x.csv", CSV)
     assert code == 201 and doc["job"] == "j000001"
+
+
+def test_507_while_a_chunked_body_eats_the_free_space(tmp_path, mock, alertd):
+    """No Content-Length to check up front: the free space is watched as the body is
+    written, and the upload stops once it would leave less than min_free_bytes."""
+    port = mock()
+    inbox_fs = tmp_path
+    margin = 256 * MiB  # what the upload may take; the body is 1 GiB
+    cfg = write_config(tmp_path / "alertd.toml", port,
+                       intake={"min_free_bytes": 1}, shutdown={"grace": 1.0})
+    a = alertd(cfg)
+    cfg.write_text(cfg.read_text().replace(
+        "min_free_bytes = 1", f"min_free_bytes = {free_bytes(inbox_fs) - margin}"))
+    a.proc.send_signal(signal.SIGHUP)
+    poll(lambda: a.status()["reload"]["succeeded"] == 1, 10, "the reload")
+    line = b"u1,%s\n" % (b"x" * 1000)
+    block = b"user_id,message\n" + line * 1000
+
+    def body():
+        for _ in range(1024):
+            yield block
+    code, doc = upload(a, "name=huge.csv", body(), {"Transfer-Encoding": "chunked"})
+    assert code == 507 and "not enough space" in doc["error"], doc
+    poll(lambda: leftovers(a) == [], 10, "the partial upload to be removed")
+    assert a.status()["jobs"] == []
+    [got] = re.findall(r"upload huge.csv refused or aborted after (\d+) bytes", a.log())
+    assert 64 * MiB < int(got) < 1024 * MiB  # stopped on the way, neither at once nor at the end
 
 
 def test_upload_cut_mid_body_leaves_no_file_and_no_job(slow):
