@@ -29,7 +29,7 @@ from .wal import fsync_dir
 log = logging.getLogger("alertd.intake")
 
 UPLOAD_PREFIX = ".intake-"  # a dot name: never claimed from the inbox, swept at start
-WRITE_BYTES = 256 << 10  # body bytes gathered per write (aiohttp hands out ~64 KiB reads)
+WRITE_BYTES = 256 << 10  # body bytes gathered per write (a read returns what has arrived)
 SPACE_EVERY = 16 << 20  # bytes written between two free-space checks
 RETRY_AFTER = 5  # seconds, on 429 and 503
 NAME_MAX = 255  # bytes, as the filesystem allows

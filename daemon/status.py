@@ -155,6 +155,9 @@ class Sampler:
 MAX_CONNECTIONS = 64  # per listener; past it a new connection gets a 503 and is closed
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds a connection may stay open before its first request
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept
+# A request body is buffered up to twice this per connection before reading pauses: 2x
+# the upload rate of aiohttp's 64 KiB, and at most 32 MiB over MAX_CONNECTIONS.
+READ_BUFSIZE = 256 << 10
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Content-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
          b'{"error": "too many conns"}')
@@ -313,7 +316,7 @@ class StatusServer:
         if self._kind == "unix":
             _take_socket_path(self._addr)
         runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
-                               keepalive_timeout=KEEPALIVE_TIMEOUT)
+                               keepalive_timeout=KEEPALIVE_TIMEOUT, read_bufsize=READ_BUFSIZE)
         await runner.setup()
         assert runner.server is not None
         self.gate = _Gate(runner.server, MAX_CONNECTIONS, FIRST_REQUEST_TIMEOUT)
