@@ -32,6 +32,7 @@ UPLOAD_PREFIX = ".intake-"  # a dot name: never claimed from the inbox, swept at
 WRITE_BYTES = 256 << 10  # body bytes gathered per write (a read returns what has arrived)
 SPACE_EVERY = 16 << 20  # bytes written between two free-space checks
 RETRY_AFTER = 5  # seconds, on 429 and 503
+BODY_IDLE_TIMEOUT = 60.0  # seconds without a body byte: the client is gone or stuck (408)
 NAME_MAX = 255  # bytes, as the filesystem allows
 
 
@@ -46,9 +47,12 @@ class Refused(Exception):
 
     def response(self) -> web.Response:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        resp = web.json_response({"error": self.error}, status=self.status, headers=headers)
         # A body still coming is read and dropped for aiohttp's lingering time, then the
         # connection closes: closing at once could reset it before the client reads this.
-        return web.json_response({"error": self.error}, status=self.status, headers=headers)
+        if self.status == 408:
+            resp.force_close()  # no keep-alive after a stalled body
+        return resp
 
 
 def check_name(name: str | None) -> str:
@@ -244,7 +248,10 @@ class Intake:
         buf = bytearray()
         while True:
             try:
-                data = await request.content.read(WRITE_BYTES)
+                async with asyncio.timeout(BODY_IDLE_TIMEOUT):
+                    data = await request.content.read(WRITE_BYTES)
+            except TimeoutError:
+                raise Refused(408, f"body: nothing received for {BODY_IDLE_TIMEOUT:g} s") from None
             except Exception as e:  # the client went away, or a broken chunked encoding
                 raise Refused(400, f"body: {type(e).__name__}: {e or 'incomplete'}") from None
             buf += data

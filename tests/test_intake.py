@@ -3,6 +3,7 @@ bounded memory, and each back-pressure answer (400, 413, 429, 507) and an upload
 mid-body leaving no file and no job behind. Every answer is checked against docs/openapi.yaml."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import os
@@ -16,7 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
-from alertd.intake import free_bytes
+from aiohttp import web
+from alertd import config, intake
 
 from tests.procs import Alertd, poll, write_config
 from tests.test_status import validate_response
@@ -224,7 +226,7 @@ def test_507_while_a_chunked_body_eats_the_free_space(tmp_path, mock, alertd):
                        intake={"min_free_bytes": 1}, shutdown={"grace": 1.0})
     a = alertd(cfg)
     cfg.write_text(cfg.read_text().replace(
-        "min_free_bytes = 1", f"min_free_bytes = {free_bytes(inbox_fs) - margin}"))
+        "min_free_bytes = 1", f"min_free_bytes = {intake.free_bytes(inbox_fs) - margin}"))
     a.proc.send_signal(signal.SIGHUP)
     poll(lambda: a.status()["reload"]["succeeded"] == 1, 10, "the reload")
     line = b"u1,%s\n" % (b"x" * 1000)
@@ -278,3 +280,43 @@ def test_refused_before_the_body_with_expect_100_continue(slow):
         assert r.status == 413
         validate_response("/v1/files", "post", r.status, r.headers, r.read())
     assert leftovers(a) == []
+
+
+def test_stalled_body_is_408_and_removed(tmp_path, monkeypatch):
+    """A client that stops sending mid-body (and keeps the connection open) does not
+    hold the upload forever: after BODY_IDLE_TIMEOUT the partial file goes. In-process
+    (the real handler on a real unix socket), with the timeout cut to 0.5 s."""
+    monkeypatch.setattr(intake, "BODY_IDLE_TIMEOUT", 0.5)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    cfg = config.from_dict({"webhook": {"url": "http://127.0.0.1:1/"},
+                            "paths": {"state_dir": str(tmp_path)}}, tmp_path)
+    claimed: list[Path] = []
+
+    async def claim(path: Path, priority: str) -> None:
+        claimed.append(path)
+
+    handler = intake.Intake(lambda: cfg, lambda: 0, claim, lambda: False)
+    sock = tmp_path / "s.sock"
+
+    async def main() -> tuple[int, bytes, list[str]]:
+        app = web.Application()
+        app.router.add_post("/v1/files", handler.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.UnixSite(runner, str(sock)).start()
+        try:
+            r, w = await asyncio.open_unix_connection(str(sock))
+            w.write(b"POST /v1/files?name=stall.csv HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Length: 1000000\r\n\r\n" + CSV)
+            await w.drain()
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            body = await r.read(200)
+            w.close()
+            await w.wait_closed()
+            return int(head.split()[1]), body, os.listdir(inbox)
+        finally:
+            await runner.cleanup()
+    status, body, left = asyncio.run(main())
+    assert status == 408 and b"nothing received for 0.5 s" in body
+    assert left == [] and claimed == []
