@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import os
 import secrets
@@ -79,10 +80,18 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def sweep(inbox: Path) -> None:
+def upload_prefix(state_dir: Path) -> str:
+    """The names of this daemon's upload directories: tagged with its state directory,
+    which only one daemon holds (alertd.lock), so a start never sweeps the uploads of
+    another daemon that shares the inbox."""
+    tag = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:8]
+    return f"{UPLOAD_PREFIX}{tag}-"
+
+
+def sweep(inbox: Path, prefix: str) -> None:
     """Remove the upload directories a crashed run left in the inbox."""
     try:
-        entries = [e for e in os.scandir(inbox) if e.name.startswith(UPLOAD_PREFIX)]
+        entries = [e for e in os.scandir(inbox) if e.name.startswith(prefix)]
     except OSError:
         return
     for e in entries:
@@ -91,10 +100,10 @@ def sweep(inbox: Path) -> None:
             log.warning("removed %s, left by an upload a previous run did not finish", e.name)
 
 
-def _create(inbox: Path, name: str) -> tuple[Path, int]:
+def _create(inbox: Path, prefix: str, name: str) -> tuple[Path, int]:
     """A fresh 0700 directory in the inbox and `name` in it, 0600, opened for writing."""
     while True:
-        d = inbox / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}"
+        d = inbox / f"{prefix}{secrets.token_hex(8)}"
         try:
             os.mkdir(d, 0o700)
             break
@@ -151,7 +160,8 @@ class Intake:
         self._claim = claim
         self._draining = draining
         self._uploading = 0  # bodies being received: they count against max_jobs too
-        sweep(config().paths.inbox_dir)
+        self._prefix = upload_prefix(config().state_dir)
+        sweep(config().paths.inbox_dir, self._prefix)
 
     def _precheck(self, request: web.Request) -> tuple[str, str, int | None]:
         """The checks that need no body: name, priority, the daemon's state, the limits."""
@@ -209,7 +219,7 @@ class Intake:
         loop = asyncio.get_running_loop()
         inbox = cfg.paths.inbox_dir
         shown = names.escape(name)
-        d, fd = await loop.run_in_executor(None, _create, inbox, name)
+        d, fd = await loop.run_in_executor(None, _create, inbox, self._prefix, name)
         got = _Progress()
         try:
             try:

@@ -1,8 +1,8 @@
 """The status API (aiohttp): /v1/status, /metrics, /healthz, on a unix socket or loopback TCP.
-It also serves the upload route of intake.py (POST /v1/files), under the same auth.
 
 It only reads the snapshot the supervisor builds and adds what needs history
-(rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state.
+(rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state. It also
+serves intake.py's upload route (POST /v1/files, which does) under the same auth.
 A TCP listener demands the configured bearer token for everything but /healthz.
 Each listener is bounded: MAX_CONNECTIONS at once, FIRST_REQUEST_TIMEOUT to send a
 request, KEEPALIVE_TIMEOUT idle between requests.

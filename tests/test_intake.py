@@ -265,6 +265,23 @@ def test_upload_cut_mid_body_leaves_no_file_and_no_job(slow):
     assert next_job_id(a) == "j000001"
 
 
+def test_start_sweeps_its_own_leftover_uploads_only(tmp_path, mock, alertd):
+    """An upload a crash interrupted is removed at the next start; one of another daemon
+    sharing the inbox (another state directory) is left alone."""
+    cfg = write_config(tmp_path / "alertd.toml", mock())
+    c = config.load(cfg)
+    inbox = c.paths.inbox_dir
+    ours = inbox / f"{intake.upload_prefix(c.state_dir)}0123456789abcdef"
+    theirs = inbox / f"{intake.upload_prefix(tmp_path / 'other')}0123456789abcdef"
+    for d in (ours, theirs):
+        d.mkdir(parents=True)
+        (d / "half.csv").write_bytes(CSV[:50])
+    a = alertd(cfg)
+    assert not ours.exists() and (theirs / "half.csv").exists()
+    assert "left by an upload a previous run did not finish" in a.log()
+    assert a.status()["jobs"] == [] and a.summaries() == []
+
+
 def test_refused_before_the_body_with_expect_100_continue(slow):
     """A client that asks first (curl does for large bodies) learns of the 413 without
     sending the body, and never gets a 100 Continue."""
