@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
@@ -19,13 +20,21 @@ from .watcher import scan
 log = logging.getLogger("alertd.claims")
 
 
+@dataclass
+class _Upload:
+    """A file the status API received, claimed in turn with the inbox's (outside it)."""
+    path: Path
+    priority: str
+    result: asyncio.Future[Job | None]
+
+
 class Claims:
     def __init__(self, store: JobStore, config: Callable[[], Config],
-                 on_job: Callable[[Job], None]) -> None:
+                 on_job: Callable[[Job, str], None]) -> None:
         self._store = store
         self._config = config  # the current one: a reload may change [csv] or chunk_bytes
         self._on_job = on_job
-        self._queue: asyncio.Queue[Path | None] = asyncio.Queue()  # None: rescan
+        self._queue: asyncio.Queue[Path | _Upload | None] = asyncio.Queue()  # None: rescan
         self._queued: set[Path] = set()
         self._rescan_queued = False
         self._stopped = False
@@ -43,6 +52,17 @@ class Claims:
             self._rescan_queued = True
             self._queue.put_nowait(None)
 
+    async def claim(self, path: Path, priority: str) -> Job | None:
+        """Claim one uploaded file now (in the queue's order) at `priority`; the job has
+        joined the schedule when this returns it. None: draining, or the file could not be
+        claimed (then it is in failed/). Raises what the claim raised (the file stays)."""
+        if self._stopped:
+            return None
+        upload = _Upload(path, priority, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(upload)
+        # Shielded: a client gone mid-claim must not leave a claimed job unscheduled.
+        return await asyncio.shield(upload.result)
+
     def stop(self) -> None:
         """Claim nothing more (a drain); a claim under way still completes."""
         self._stopped = True
@@ -51,6 +71,9 @@ class Claims:
         loop = asyncio.get_running_loop()
         while True:
             path = await self._queue.get()
+            if isinstance(path, _Upload):
+                await self._claim_upload(path)
+                continue
             if self._stopped:
                 continue
             cfg = self._config()
@@ -67,4 +90,19 @@ class Claims:
                 log.error("cannot claim %s: %s", escape(path.name), reason_of(e))
                 continue
             if job is not None:
-                self._on_job(job)
+                self._on_job(job, "normal")
+
+    async def _claim_upload(self, up: _Upload) -> None:
+        if self._stopped:
+            up.result.set_result(None)
+            return
+        cfg = self._config()
+        try:
+            job = await asyncio.get_running_loop().run_in_executor(
+                None, self._store.claim, up.path, cfg.csv, cfg.workers.chunk_bytes)
+        except Exception as e:
+            up.result.set_exception(e)
+            return
+        if job is not None:
+            self._on_job(job, up.priority)
+        up.result.set_result(job)

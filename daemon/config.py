@@ -158,6 +158,13 @@ class StatusConfig:
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    max_bytes: int = key(4 << 30, ge=1)  # largest upload body (POST /v1/files); past it 413
+    max_jobs: int = key(1000, ge=1)  # unfinished jobs (queued, running, paused); past it 429
+    min_free_bytes: int = key(1 << 30, ge=0)  # free space an upload must leave; else 507
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     grace: float = key(30.0, ge=0)
 
@@ -173,6 +180,7 @@ class Config:
     alert: AlertConfig = field(default_factory=AlertConfig)
     wal: WalConfig = field(default_factory=WalConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: Path | None = None  # the file this was loaded from

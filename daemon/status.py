@@ -1,7 +1,8 @@
 """The status API (aiohttp): /v1/status, /metrics, /healthz, on a unix socket or loopback TCP.
 
 It only reads the snapshot the supervisor builds and adds what needs history
-(rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state.
+(rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state. It also
+serves intake.py's upload route (POST /v1/files, which does) under the same auth.
 A TCP listener demands the configured bearer token for everything but /healthz.
 Each listener is bounded: MAX_CONNECTIONS at once, FIRST_REQUEST_TIMEOUT to send a
 request, KEEPALIVE_TIMEOUT idle between requests.
@@ -29,6 +30,7 @@ from aiohttp import web
 from . import __version__, metrics
 from .config import Config
 from .errors import ConfigError
+from .intake import Intake
 
 log = logging.getLogger("alertd.status")
 
@@ -153,6 +155,9 @@ class Sampler:
 MAX_CONNECTIONS = 64  # per listener; past it a new connection gets a 503 and is closed
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds a connection may stay open before its first request
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle keep-alive connection is kept
+# A request body is buffered up to twice this per connection before reading pauses: 2x
+# the upload rate of aiohttp's 64 KiB, and at most 32 MiB over MAX_CONNECTIONS.
+READ_BUFSIZE = 256 << 10
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
          b"Content-Length: 27\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
          b'{"error": "too many conns"}')
@@ -223,9 +228,11 @@ class _Gate:
 
 
 class StatusServer:
-    def __init__(self, cfg: Config, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, cfg: Config, snapshot: Callable[[], dict[str, Any]],
+                 intake: Intake | None = None) -> None:
         self._cfg = cfg
         self._snapshot = snapshot
+        self._intake = intake
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._kind, self._addr = cfg.status_address()
@@ -241,18 +248,35 @@ class StatusServer:
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._health)
+        if self._intake is not None:
+            app.router.add_post("/v1/files", self._intake.handle, expect_handler=self._expect)
         return app
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """401 unless the request may use the API (TCP: the bearer token)."""
+        if self._kind != "tcp" or request.path == "/healthz":
+            return None
+        # aiohttp keeps undecodable header bytes as surrogates: encode them back, so
+        # any malformed value is simply a wrong token (401), never an exception (500).
+        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
+            return None
+        return web.json_response({"error": "unauthorized"}, status=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if request.path != "/healthz":
-            # aiohttp keeps undecodable header bytes as surrogates: encode them back, so
-            # any malformed value is simply a wrong token (401), never an exception (500).
-            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(hashlib.sha256(got).digest(), self._want):
-                return web.json_response({"error": "unauthorized"}, status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="alertd"'})
-        return await handler(request)
+        refused = self._refused(request)
+        return refused if refused is not None else await handler(request)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        # aiohttp answers Expect: 100-continue before the middlewares run: check here too.
+        assert self._intake is not None
+        refused = self._refused(request)
+        if refused is None:
+            return await self._intake.expect(request)
+        refused.force_close()  # no body follows: the connection cannot be reused
+        return refused
 
     def document(self) -> dict[str, Any]:
         doc = self._snapshot()
@@ -292,7 +316,7 @@ class StatusServer:
         if self._kind == "unix":
             _take_socket_path(self._addr)
         runner = web.AppRunner(self._app(), access_log=None, handle_signals=False,
-                               keepalive_timeout=KEEPALIVE_TIMEOUT)
+                               keepalive_timeout=KEEPALIVE_TIMEOUT, read_bufsize=READ_BUFSIZE)
         await runner.setup()
         assert runner.server is not None
         self.gate = _Gate(runner.server, MAX_CONNECTIONS, FIRST_REQUEST_TIMEOUT)

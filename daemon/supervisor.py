@@ -24,6 +24,7 @@ from .claims import Claims
 from .config import Config
 from .dispatch import Dispatcher
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
+from .intake import Intake
 from .jobs import Job, JobStore
 from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
 from .retention import Retention
@@ -82,7 +83,9 @@ class Supervisor:
         inbox = cfg.paths.inbox_dir  # made (or refused) by statedir.prepare
         # The listener first: if its address is taken the start is refused (ConfigError)
         # before a worker, a claim or a WAL exists, so nothing is left to clean up.
-        self._status = StatusServer(cfg, self.snapshot)
+        intake = Intake(lambda: self.cfg, lambda: len(self.dispatch.jobs), self._claims.claim,
+                        lambda: self.draining)
+        self._status = StatusServer(cfg, self.snapshot, intake)
         await self._status.start()
         ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
         await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
@@ -196,9 +199,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ files and jobs
 
-    def _on_job(self, job: Job) -> None:
+    def _on_job(self, job: Job, priority: str = "normal") -> None:
         """A file was claimed: it joins the schedule and its chunks go out."""
-        self.dispatch.add(job)
+        self.dispatch.add(job, priority)
         self._pump()
 
     def _pump(self) -> None:

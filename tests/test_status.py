@@ -42,28 +42,63 @@ def get(port: int, path: str, token: str | None = None) -> tuple[int, str, str]:
         conn.close()
 
 
-def json_schema(name: str) -> dict[str, Any]:
-    """docs/openapi.yaml's schema `name` as plain JSON Schema.
+def post(port: int, path: str, body: bytes, token: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        h = {"Authorization": f"Bearer {token}"} if token else {}
+        conn.request("POST", path, body=body, headers={**h, **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.headers, r.read()
+    finally:
+        conn.close()
+
+
+def _json_schema_node(node: Any) -> Any:
+    """An OpenAPI 3.0 schema object as plain JSON Schema.
 
     OpenAPI 3.0 schema objects are JSON Schema plus `nullable`; that is the only
     3.0-only keyword the file uses, so translating it is all a standard
     validator needs (asserted below, so a new keyword cannot slip past)."""
-    def conv(node: Any) -> Any:
-        if isinstance(node, list):
-            return [conv(x) for x in node]
-        if not isinstance(node, dict):
-            return node
-        assert not {"discriminator", "xml", "externalDocs", "example"} & node.keys()
-        out = {k: conv(v) for k, v in node.items() if k not in ("nullable", "description")}
-        if node.get("nullable"):
-            out["type"] = [node["type"], "null"]
-            if "enum" in out:
-                out["enum"] = [*out["enum"], None]
-        if "$ref" in out:
-            out["$ref"] = out["$ref"].replace("#/components/schemas/", "#/$defs/")
-        return out
-    defs = {k: conv(v) for k, v in OPENAPI["components"]["schemas"].items()}
+    if isinstance(node, list):
+        return [_json_schema_node(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    assert not {"discriminator", "xml", "externalDocs", "example"} & node.keys()
+    out = {k: _json_schema_node(v) for k, v in node.items() if k not in ("nullable", "description")}
+    if node.get("nullable"):
+        out["type"] = [node["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+    if "$ref" in out:
+        out["$ref"] = out["$ref"].replace("#/components/schemas/", "#/$defs/")
+    return out
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """docs/openapi.yaml's schema `name` as plain JSON Schema."""
+    defs = {k: _json_schema_node(v) for k, v in OPENAPI["components"]["schemas"].items()}
     return {"$ref": f"#/$defs/{name}", "$defs": defs}
+
+
+def validate_response(path: str, method: str, status: int, headers: Any, body: bytes) -> Any:
+    """A live response checked against what docs/openapi.yaml says `method path` answers
+    with `status`: documented at all, its JSON body, its documented headers. The body."""
+    responses = OPENAPI["paths"][path][method]["responses"]
+    assert str(status) in responses, f"{method} {path}: {status} is not documented"
+    resp = responses[str(status)]
+    if "$ref" in resp:
+        resp = OPENAPI["components"]["responses"][resp["$ref"].rsplit("/", 1)[1]]
+    for h in resp.get("headers", {}):
+        assert headers.get(h) is not None, f"{method} {path} {status}: no {h} header"
+        if resp["headers"][h]["schema"]["type"] == "integer":
+            assert int(headers.get(h)) >= resp["headers"][h]["schema"].get("minimum", 0)
+    assert headers.get("Content-Type", "").startswith("application/json")
+    doc = json.loads(body)
+    defs = {k: _json_schema_node(v) for k, v in OPENAPI["components"]["schemas"].items()}
+    schema = {**_json_schema_node(resp["content"]["application/json"]["schema"]), "$defs": defs}
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(doc)
+    return doc
 
 
 def validate(doc: Any, name: str) -> None:
@@ -154,6 +189,37 @@ def test_status_metrics_health_and_auth(running):
         assert secret not in everything
 
 
+def test_intake_responses_match_openapi(running):
+    """POST /v1/files on the TCP listener: each answer is one docs/openapi.yaml documents,
+    with its schema and headers; the token is required, also before a 100-continue."""
+    a, port, _ = running
+    csv = b"user_id,message\n" + b"".join(b"u%d,hi\n" % i for i in range(50))
+    code, headers, body = post(port, "/v1/files?name=up.csv&priority=high", csv, TOKEN)
+    doc = validate_response("/v1/files", "post", code, headers, body)
+    assert code == 201 and doc["name"] == "up.csv" and doc["bytes"] == len(csv)
+    [s] = a.wait_summaries(1, timeout=30)
+    assert s["job"] == doc["job"] and s["delivered"] == 50 and s["file"] == "up.csv"
+    cases = [("/v1/files?name=../x", csv, None, 400),
+             ("/v1/files?name=x.csv&priority=urgent", csv, None, 400),
+             ("/v1/files?name=bin.csv", b"\0\1\2\3" * 1000, None, 422),
+             ("/v1/files?name=x.csv", csv, {"Authorization": "Bearer wrong"}, 401)]
+    for path, data, extra, want in cases:
+        code, headers, body = post(port, path, data, None if extra else TOKEN, extra)
+        assert code == want, (path, code, body)
+        validate_response("/v1/files", "post", code, headers, body)
+    # A declared 5 GiB body is refused from its head (default [intake] max_bytes 4 GiB), and
+    # an unauthenticated one before aiohttp's 100 Continue would invite the body.
+    for auth, want in ((f"Authorization: Bearer {TOKEN}\r\n", 413), ("", 401)):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(f"POST /v1/files?name=big.csv HTTP/1.1\r\nHost: x\r\n{auth}"
+                      f"Content-Length: {5 << 30}\r\nExpect: 100-continue\r\n\r\n".encode())
+            r = http.client.HTTPResponse(c)
+            r.begin()
+            assert r.status == want
+            validate_response("/v1/files", "post", r.status, r.headers, r.read())
+    assert len(a.summaries()) == 1 and not a.status()["jobs"]
+
+
 def test_secrets_never_in_config_errors(tmp_path):
     """A config that fails to load names the key, never the value of a secret."""
     bad_secret = "whsec_!!not-base64-" + TOKEN
@@ -195,10 +261,12 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path):
 def test_openapi_file_is_consistent() -> None:
     """Every $ref resolves and each documented path is one the server routes."""
     assert OPENAPI["openapi"].startswith("3.0")
-    assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz"}
+    assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz", "/v1/files"}
     for name in OPENAPI["components"]["schemas"]:
         jsonschema.Draft202012Validator.check_schema(json_schema(name))
-    assert Path(ROOT / "daemon" / "status.py").read_text().count("add_get(") == 3
+    src = Path(ROOT / "daemon" / "status.py").read_text()
+    assert src.count("add_get(") == 3
+    assert src.count('add_post("/v1/files"') == 1
 
 
 def test_failed_reload_never_shows_a_url_password_or_a_token(running):
