@@ -30,6 +30,7 @@ from .wal import JobRecovery, fsync_dir, open_private
 log = logging.getLogger("alertd.jobs")
 
 JOB_RE = re.compile(r"^(j\d{6,})--(.+)$")
+FINISHED_LISTED = 50  # finished jobs `alertd jobs` lists
 SNIFF_BYTES = 64 * 1024
 
 
@@ -112,6 +113,8 @@ class Job:
     counts: Counts = field(default_factory=Counts)
     recovery: JobRecovery | None = None
     failed: str | None = None
+    cancelled: bool = False  # no further row is handed out; the rest end as `cancelled`
+    control: dict = field(default_factory=dict)  # spool/<job>.control.json as loaded at start
     outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes, handed out, not acked
     bytes_done: int = 0  # bytes of chunks whose every row is final
     requeued: deque[Chunk] = field(default_factory=deque)
@@ -204,6 +207,30 @@ class Job:
         self.failed = reason
         self._close_plan()
 
+    def cancel(self) -> None:
+        """Hand out nothing more. Chunks waiting to be re-run keep only the outcomes their
+        WAL already has; chunks at workers still come back (their requests in flight end)."""
+        self.cancelled = True
+        for c in self.requeued:
+            self.outstanding.pop(c.seq, None)
+            self.counts.add(c.prior)
+        self.requeued.clear()
+        rec = self.recovery
+        if rec is not None:  # what the WAL has for chunks the plan never reached this run
+            for seq, counts in rec.chunks.items():
+                if seq >= self._seq:  # chunks the plan has not reached yet
+                    self.counts.add(counts)
+            for seq, rows in rec.partial.items():
+                if seq >= self._seq:
+                    self.counts.add(partial_counts(rows)[1])
+        self._close_plan()
+
+    def settle_cancelled(self, rows: int) -> None:
+        """The job's file has `rows` rows: those without a real outcome are cancelled."""
+        c = self.counts
+        c.cancelled = max(0, rows - c.delivered - c.rejected - c.dead)
+        c.rows = c.delivered + c.rejected + c.dead + c.cancelled
+
     def manifest(self) -> dict:
         lay = self.layout
         return {"job": self.id, "name": self.name, "spool": str(self.spool),
@@ -215,11 +242,34 @@ class Job:
                            "max_line_bytes": lay.max_line_bytes}}
 
 
+def count_rows(path: Path, data_start: int, max_line: int) -> int:
+    """Rows of a spool file, read as workers and `alertd verify` read them (blocking; for a
+    cancelled job's summary, run in a thread: the file may have millions of rows)."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        n = 0
+        if size > data_start:
+            for start, end in chunker.plan(chunker.FileView(fd, size), data_start, 1 << 20,
+                                           max_line):
+                n += sum(1 for _ in chunker.read_rows(fd, start, end, max_line))
+        return n
+    finally:
+        os.close(fd)
+
+
 def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], Counts]:
     c = Counts()
     for out, dup in rows.values():
         c.count(Outcome(out), dup)
     return frozenset(rows), c
+
+
+def failed_summary(job_id: str, name: str, reason: str, at: float) -> dict:
+    """The summary of a file that could not be read at claim (no rows were read)."""
+    return {"job": job_id, "file": name, **Counts().as_dict(), "started_at": iso(at),
+            "finished_at": iso(at), "duration_s": 0.0, "bytes": 0, "status": "failed",
+            "reason": reason}
 
 
 class JobStore:
@@ -235,6 +285,55 @@ class JobStore:
             d.mkdir(parents=True, exist_ok=True)
         self._seq_file = state_dir / "jobseq"
         self._last, self._claiming = self._load_last_id()
+        # Files that failed at claim (in a thread): the dispatcher lists them as finished.
+        self.claim_failures: deque[dict] = deque(maxlen=FINISHED_LISTED)
+
+    # ------------------------------------------------------------ job control files
+
+    def control_path(self, job_id: str) -> Path:
+        return self.spool / f"{job_id}.control.json"
+
+    def write_control(self, job_id: str, state: str, priority: str) -> None:
+        """Persist a job's pause/cancel state and priority (blocking: fsyncs)."""
+        write_atomic(self.control_path(job_id),
+                     orjson.dumps({"job": job_id, "state": state, "priority": priority}))
+
+    def read_control(self, job_id: str) -> dict:
+        try:
+            doc = orjson.loads(self.control_path(job_id).read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, orjson.JSONDecodeError) as e:
+            log.error("%s: control file unreadable (%s): the job runs at normal priority",
+                      job_id, e)
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def load_finished(self, n: int = FINISHED_LISTED) -> list[dict]:
+        """The last `n` finished jobs on disk, oldest first: summaries in done/, and files
+        that failed at claim (failed/*.reason without a summary). Blocking."""
+        out: dict[str, dict] = {}
+        for p in self.done.glob("j*.summary.json"):
+            try:
+                doc = orjson.loads(p.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if isinstance(doc, dict) and "job" in doc:
+                out[doc["job"]] = doc
+        for p in self.failed.glob("j*.reason"):
+            m = JOB_RE.match(p.name)
+            if m is None or m.group(1) in out:
+                continue
+            try:
+                text = p.read_text(errors="replace")
+                mtime = p.stat().st_mtime
+            except OSError:
+                continue
+            reason, _, rest = text.partition("\n")
+            name = rest[len("file: "):].rstrip("\n") if rest.startswith("file: ") else \
+                m.group(2)[:-len(".reason")]
+            out[m.group(1)] = failed_summary(m.group(1), name, reason, mtime)
+        return [out[k] for k in sorted(out)[-n:]]
 
     def _load_last_id(self) -> tuple[int, dict[str, str]]:
         last, claiming = 0, {}
@@ -297,6 +396,7 @@ class JobStore:
             if not isinstance(e, (InputError, OSError)):
                 log.exception("%s (%s): unexpected error while claiming", job_id, name)
             self.move_failed(job_id, name, spool, reason_of(e))
+            self.claim_failures.append(failed_summary(job_id, name, reason_of(e), time.time()))
             return None
         log.info("claimed %s as %s (%d bytes)", name, job_id, job.size)
         return job
@@ -382,7 +482,8 @@ class JobStore:
         summary = {"job": job.id, "file": job.name, **c.as_dict(),
                    "started_at": iso(job.started_at), "finished_at": iso(now),
                    "duration_s": round(now - job.started_at, 3), "bytes": job.size,
-                   "status": "failed" if job.failed else "complete"}
+                   "status": "failed" if job.failed else
+                   "cancelled" if job.cancelled else "complete"}
         if job.failed:
             summary["reason"] = job.failed
         write_atomic(self.done / f"{job.id}.summary.json",
@@ -391,6 +492,7 @@ class JobStore:
             self.move_failed(job.id, job.name, job.spool, job.failed)
         else:
             self._finish_moves(job.id, job.spool)
+        self.control_path(job.id).unlink(missing_ok=True)
         return summary
 
     def _finish_moves(self, job_id: str, spool: Path) -> None:

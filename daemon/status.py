@@ -26,7 +26,7 @@ import orjson
 import psutil
 from aiohttp import web
 
-from . import __version__, metrics
+from . import __version__, jobsapi, metrics
 from .config import Config
 from .errors import ConfigError
 
@@ -235,12 +235,15 @@ class StatusServer:
         self.sampler = Sampler()
         self._task: asyncio.Task[None] | None = None
         self.gate: _Gate | None = None
+        self.jobs: jobsapi.Controller | None = None  # the supervisor, for /v1/jobs
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth] if self._kind == "tcp" else [])
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._health)
+        if self.jobs is not None:
+            jobsapi.add_routes(app, self.jobs)
         return app
 
     @web.middleware
