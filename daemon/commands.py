@@ -138,7 +138,9 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"{j['job']:8} {j['file'][:20]:20} {_bar(frac)} {frac:>5.0%} {rows:>9} "
                      f"{j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
                      f"{j.get('rate', 0):>7.0f} {_dur(j.get('eta_s')):>7}"
-                     + (f"  FAILED: {j['failed']}" if j["failed"] else ""))
+                     + (f"  FAILED: {j['failed']}" if j["failed"] else "")
+                     + (f"  {j['state'].upper()}" if j.get("state", "running") != "running"
+                        else ""))
     if not doc["jobs"]:
         lines.append("(no job in progress)")
     lines.append("(job counts are as of each job's last acknowledged chunk)")

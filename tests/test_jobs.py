@@ -76,6 +76,26 @@ def test_cancel_stops_sending_within_a_second_and_every_row_is_final(tmp_path, m
     assert listed["state"] == "cancelled" and listed["cancelled"] == s["cancelled"]
 
 
+def test_a_cancel_survives_a_crash_while_requests_are_still_in_flight(tmp_path, mock, alertd):
+    port = mock("--mode", "slow", "--latency-ms", "3000")
+    cfg = write_config(tmp_path / "alertd.toml", port, rate={"limit": 2000})
+    a = alertd(cfg)
+    generate(str(tmp_path / "k.csv"), 30_000, seed=16)
+    a.drop_link(tmp_path / "k.csv", "k.csv")
+    poll(lambda: get_stats(port)["received"] > 100, 30, "requests in flight")
+    job = _job_of(a, "k.csv")["job"]
+    assert a.cli("cancel", job).returncode == 0
+    # The answers take 3 s: the job is cancelled but not final when the daemon dies.
+    assert {j["job"]: j["state"] for j in _jobs(a)}[job] == "cancelled" and not a.summaries()
+    a.kill9()
+    b = alertd(cfg)
+    [s] = b.wait_summaries(1, timeout=60)
+    assert s["status"] == "cancelled" and s["rows"] == 30_000
+    assert s["delivered"] + s["rejected"] + s["dead"] + s["cancelled"] == 30_000
+    assert b.cli("verify", job).returncode == 0
+    assert not list((b.state / "spool").glob("*.control.json"))
+
+
 def test_pause_holds_the_job_across_a_restart_and_resume_delivers_each_row_once(
         tmp_path, mock, alertd):
     port = mock()
@@ -111,6 +131,32 @@ def test_pause_holds_the_job_across_a_restart_and_resume_delivers_each_row_once(
     st = get_stats(port)
     assert st["unique"] == 20_000 and st["duplicates"] == 0
     assert b.cli("resume", job).returncode == 1  # complete: nothing to resume
+
+
+def test_rows_awaiting_a_retry_are_held_by_pause_and_ended_by_cancel(tmp_path, mock, alertd):
+    port = mock("--mode", "flaky", "--fail-ratio", "0.3")
+    a = alertd(write_config(tmp_path / "alertd.toml", port, rate={"limit": 2000},
+                            retry={"base_delay": 0.3, "max_delay": 1.0, "max_attempts": 100}))
+    generate(str(tmp_path / "f.csv"), 50_000, seed=15)
+    a.drop_link(tmp_path / "f.csv", "f.csv")
+    poll(lambda: get_stats(port)["by_status"].get("500", 0) > 500, 30, "retries to be due")
+    job = _job_of(a, "f.csv")["job"]
+    assert a.cli("pause", job).returncode == 0
+    t_paused = time.time()
+    poll(lambda: time.time() > t_paused + 1.0, 5, "the 1 s grace")
+    before = get_stats(port)
+    poll(lambda: time.time() > t_paused + 3.0, 5, "the pause window")
+    assert get_stats(port)["received"] == before["received"]  # retries held too
+    assert before["last_at"] < t_paused + 1.0
+    r = a.cli("cancel", job)  # a paused job can be cancelled: its held rows end cancelled
+    assert r.returncode == 0, r.stderr
+    [s] = a.wait_summaries(1, timeout=60)
+    assert s["status"] == "cancelled"
+    assert s["delivered"] + s["rejected"] + s["dead"] + s["cancelled"] == s["rows"] == 50_000
+    assert s["delivered"] == get_stats(port)["unique"]
+    assert get_stats(port)["received"] == before["received"]  # cancel sent nothing more
+    v = a.cli("verify", job)
+    assert v.returncode == 0, v.stdout
 
 
 def test_a_high_priority_job_overtakes_five_running_normal_ones(tmp_path, mock, alertd):
@@ -191,3 +237,10 @@ def test_jobs_api_answers_404_409_400_and_matches_the_openapi_file(tmp_path, moc
     conn.request("GET", "/v1/jobs")
     assert conn.getresponse().status == 401  # same auth as the status API
     conn.close()
+    # A restart still lists the finished jobs, the failed claim with its reason.
+    assert a.stop() == 0
+    b = alertd(a.cfg_path)
+    listed = {j["file"]: j for j in _jobs(b)}
+    assert listed["j.csv"]["state"] == "cancelled" and listed["bad.bin"]["state"] == "failed"
+    assert "binary" in listed["bad.bin"]["reason"]
+    assert b.cli("cancel", job).returncode == 1
