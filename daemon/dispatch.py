@@ -272,11 +272,9 @@ class Dispatcher:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # unit tests drive the dispatcher without a loop
-                self._close_cancelled(job, count_rows(job.spool, job.data_start,
-                                                      job.layout.max_line_bytes))
+                self._close_cancelled(job, count_rows(job.spool, job.data_start))
                 return
-            fut = loop.run_in_executor(None, count_rows, job.spool, job.data_start,
-                                       job.layout.max_line_bytes)
+            fut = loop.run_in_executor(None, count_rows, job.spool, job.data_start)
             fut.add_done_callback(lambda f: self._counted(job, f))
             return
         self._finish(job)

@@ -242,18 +242,23 @@ class Job:
                            "max_line_bytes": lay.max_line_bytes}}
 
 
-def count_rows(path: Path, data_start: int, max_line: int) -> int:
-    """Rows of a spool file, read as workers and `alertd verify` read them (blocking; for a
-    cancelled job's summary, run in a thread: the file may have millions of rows)."""
+def count_rows(path: Path, data_start: int) -> int:
+    """Rows of a spool file from `data_start`, as workers and `alertd verify` read them:
+    every line is a row (blank, bad or too long ones too), a last line without its newline
+    as well. Counts newlines in 1 MiB blocks (about 1 GB/s), so a cancelled job of many
+    millions of rows is summed in seconds; blocking: run it in a thread."""
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size
-        n = 0
-        if size > data_start:
-            for start, end in chunker.plan(chunker.FileView(fd, size), data_start, 1 << 20,
-                                           max_line):
-                n += sum(1 for _ in chunker.read_rows(fd, start, end, max_line))
-        return n
+        n, pos, last = 0, data_start, b"\n"
+        while pos < size:
+            block = os.pread(fd, min(1 << 20, size - pos), pos)
+            if not block:
+                break
+            n += block.count(b"\n")
+            last = block[-1:]
+            pos += len(block)
+        return n + (last != b"\n")
     finally:
         os.close(fd)
 

@@ -241,3 +241,21 @@ def test_finished_jobs_and_failed_claims_are_listed_after_a_restart(setup):
     assert [(s["file"], s["status"]) for s in again] == [("ok.csv", "complete"),
                                                           ("bin.csv", "failed")]
     assert "binary" in again[1]["reason"]
+
+
+@pytest.mark.parametrize("body", [
+    b"a\n\nb\r\nc", b"a\r\nb\r\n", b"x" * 5000 + b"\nshort\n" + b"y" * 3000, b"", b"\n\n\n",
+    b"ok\n\x00\xff\n\"un,balanced\n"])
+def test_counting_a_cancelled_jobs_rows_agrees_with_the_row_reader(tmp_path, body):
+    from alertd import chunker
+    from alertd.jobs import count_rows
+    p = tmp_path / "f.csv"
+    p.write_bytes(b"user_id\n" + body)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        want = sum(sum(1 for _ in chunker.read_rows(fd, s, e, 1024))
+                   for s, e in chunker.plan(chunker.FileView(fd, size), 8, 64, 1024))
+    finally:
+        os.close(fd)
+    assert count_rows(p, 8) == want

@@ -67,6 +67,8 @@ def test_cancel_stops_sending_within_a_second_and_every_row_is_final(tmp_path, m
     v = a.cli("verify", job)
     assert v.returncode == 0, v.stdout + v.stderr
     assert "cancelled" in v.stdout
+    t = a.cli("tail", "-n", "0", "--job", job, "--outcome", "cancelled")
+    assert t.returncode == 0 and "rows in [" in t.stdout and len(t.stdout.splitlines()) == 1
     again = a.cli("cancel", job)
     assert again.returncode == 1 and "already cancelled" in again.stderr, again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
