@@ -294,7 +294,7 @@ class Dispatcher:
 
     def _finish(self, job: Job) -> None:
         del self.jobs[job.id]
-        self.priority.pop(job.id, None)
+        job.priority = self.priority.pop(job.id, job.priority)
         summary = self.store.finalize(job)
         self._promote()
         self.finished = (self.finished + [summary])[-FINISHED_KEPT:]

@@ -114,6 +114,7 @@ class Job:
     recovery: JobRecovery | None = None
     failed: str | None = None
     cancelled: bool = False  # no further row is handed out; the rest end as `cancelled`
+    priority: str = "normal"  # as the dispatcher last had it: kept in the summary
     control: dict = field(default_factory=dict)  # spool/<job>.control.json as loaded at start
     outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes, handed out, not acked
     bytes_done: int = 0  # bytes of chunks whose every row is final
@@ -488,7 +489,7 @@ class JobStore:
                    "started_at": iso(job.started_at), "finished_at": iso(now),
                    "duration_s": round(now - job.started_at, 3), "bytes": job.size,
                    "status": "failed" if job.failed else
-                   "cancelled" if job.cancelled else "complete"}
+                   "cancelled" if job.cancelled else "complete", "priority": job.priority}
         if job.failed:
             summary["reason"] = job.failed
         write_atomic(self.done / f"{job.id}.summary.json",

@@ -178,6 +178,8 @@ def test_a_high_priority_job_overtakes_five_running_normal_ones(tmp_path, mock, 
     print(f"\npriority: finish order {order}")
     assert order[0] == "hi.csv"
     assert all(s["delivered"] == 40_000 for s in ss)
+    assert {s["file"]: s["priority"] for s in ss} == {"hi.csv": "high",
+                                                     **{f"n{i}.csv": "normal" for i in range(5)}}
     assert a.cli("priority", job, "urgent").returncode == 2  # bad usage
     assert a.cli("priority", job, "low").returncode == 1  # complete
 
@@ -246,3 +248,22 @@ def test_jobs_api_answers_404_409_400_and_matches_the_openapi_file(tmp_path, moc
     assert listed["j.csv"]["state"] == "cancelled" and listed["bad.bin"]["state"] == "failed"
     assert "binary" in listed["bad.bin"]["reason"]
     assert b.cli("cancel", job).returncode == 1
+
+
+def test_job_commands_without_a_daemon_exit_3_and_bad_usage_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.procs import ROOT
+    cfg = write_config(tmp_path / "alertd.toml", 9)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "alertd", *args, "--config", str(cfg)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    for args in (("jobs",), ("pause", "j000001"), ("resume", "j000001"),
+                 ("cancel", "j000001"), ("priority", "j000001", "high")):
+        r = run(*args)
+        assert r.returncode == 3 and "cannot reach alertd" in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    for args in (("pause",), ("priority", "j000001"), ("priority", "j000001", "urgent")):
+        assert run(*args).returncode == 2, args
