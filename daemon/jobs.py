@@ -31,6 +31,7 @@ log = logging.getLogger("alertd.jobs")
 
 JOB_RE = re.compile(r"^(j\d{6,})--(.+)$")
 FINISHED_LISTED = 50  # finished jobs `alertd jobs` lists
+_FINISHED_RE = re.compile(r"^j(\d{6,})(\.summary\.json|--.*\.reason)$", re.S)
 SNIFF_BYTES = 64 * 1024
 
 
@@ -317,29 +318,36 @@ class JobStore:
 
     def load_finished(self, n: int = FINISHED_LISTED) -> list[dict]:
         """The last `n` finished jobs on disk, oldest first: summaries in done/, and files
-        that failed at claim (failed/*.reason without a summary). Blocking."""
-        out: dict[str, dict] = {}
-        for p in self.done.glob("j*.summary.json"):
+        that failed at claim (failed/*.reason without a summary). Reads only those `n`
+        files, however many jobs have finished. Blocking."""
+        found: dict[int, tuple[str, Path]] = {}
+        for d, kind in ((self.failed, "reason"), (self.done, "summary")):  # summaries win
+            for name in os.listdir(d):
+                m = _FINISHED_RE.match(name)
+                if m is None or (kind == "summary") != (m.group(2) == ".summary.json"):
+                    continue
+                had = found.get(int(m.group(1)))
+                # A file named x.reason fails as j..--x.reason beside j..--x.reason.reason.
+                if had is None or had[0] == "reason" and len(had[1].name) < len(name) or \
+                        kind == "summary":
+                    found[int(m.group(1))] = (kind, d / name)
+        out = []
+        for _, (kind, p) in sorted(found.items())[-n:]:
             try:
-                doc = orjson.loads(p.read_bytes())
+                if kind == "summary":
+                    doc = orjson.loads(p.read_bytes())
+                    if isinstance(doc, dict) and "job" in doc:
+                        out.append(doc)
+                    continue
+                text, mtime = p.read_text(errors="replace"), p.stat().st_mtime
             except (OSError, orjson.JSONDecodeError):
                 continue
-            if isinstance(doc, dict) and "job" in doc:
-                out[doc["job"]] = doc
-        for p in self.failed.glob("j*.reason"):
-            m = JOB_RE.match(p.name)
-            if m is None or m.group(1) in out:
-                continue
-            try:
-                text = p.read_text(errors="replace")
-                mtime = p.stat().st_mtime
-            except OSError:
-                continue
+            m = JOB_RE.match(p.name[:-len(".reason")])
             reason, _, rest = text.partition("\n")
             name = rest[len("file: "):].rstrip("\n") if rest.startswith("file: ") else \
-                m.group(2)[:-len(".reason")]
-            out[m.group(1)] = failed_summary(m.group(1), name, reason, mtime)
-        return [out[k] for k in sorted(out)[-n:]]
+                (m.group(2) if m else p.name)
+            out.append(failed_summary(p.name.split("--", 1)[0], name, reason, mtime))
+        return out
 
     def _load_last_id(self) -> tuple[int, dict[str, str]]:
         last, claiming = 0, {}

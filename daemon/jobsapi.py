@@ -51,7 +51,7 @@ def listing(d: Dispatcher) -> list[dict[str, Any]]:
     """Active jobs (queued, running, paused, cancelling), then the recently finished ones,
     each group oldest first."""
     d.take_claim_failures()
-    active = [view(d, j) for j in sorted(d.jobs.values(), key=lambda j: j.id)]
+    active = [view(d, j) for j in sorted(d.jobs.values(), key=lambda j: int(j.id[1:]))]
     return active + [view(d, s) for s in d.finished if s["job"] not in d.jobs]
 
 
