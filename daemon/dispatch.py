@@ -46,7 +46,8 @@ class Dispatcher:
         self.wal_dir = state_dir / "wal"
         self.store = store
         self.jobs: dict[str, Job] = {}
-        self.finished: list[dict] = []
+        self.finished: list[dict] = []  # since start (status, metrics totals)
+        self.earlier: list[dict] = []  # finished before this start, from done/ and failed/
         self.priority: dict[str, str] = {}
         self._running = {p: deque[str]() for p in PRIORITIES}  # round robin: served job at the end
         self._queued = {p: deque[str]() for p in PRIORITIES}  # not yet planned, oldest first
@@ -61,7 +62,7 @@ class Dispatcher:
         with their priority, pause and cancel kept."""
         loop = asyncio.get_running_loop()
         t = time.monotonic()
-        self.finished = await loop.run_in_executor(None, self.store.load_finished, FINISHED_KEPT)
+        self.earlier = await loop.run_in_executor(None, self.store.load_finished, FINISHED_KEPT)
         jobs = await loop.run_in_executor(None, self.store.load_unfinished, csv, chunk_bytes)
         if not jobs:
             return
@@ -190,7 +191,15 @@ class Dispatcher:
         job = self.jobs.get(job_id)
         if job is not None:
             return job
-        return next((s for s in reversed(self.finished) if s["job"] == job_id), None)
+        return next((s for s in reversed(self.recently_finished()) if s["job"] == job_id), None)
+
+    def recently_finished(self) -> list[dict]:
+        """The last FINISHED_KEPT finished jobs, those of earlier runs included, oldest first."""
+        self.take_claim_failures()
+        if not self.earlier:
+            return self.finished
+        seen = {s["job"] for s in self.finished}
+        return ([s for s in self.earlier if s["job"] not in seen] + self.finished)[-FINISHED_KEPT:]
 
     def check(self, job_id: str, action: str, priority: str | None = None) -> None:
         """Raise NoSuchJob or NotAllowed (with the reason) unless `action` ("pause",

@@ -50,9 +50,8 @@ def view(d: Dispatcher, found: Job | dict[str, Any]) -> dict[str, Any]:
 def listing(d: Dispatcher) -> list[dict[str, Any]]:
     """Active jobs (queued, running, paused, cancelling), then the recently finished ones,
     each group oldest first."""
-    d.take_claim_failures()
     active = [view(d, j) for j in sorted(d.jobs.values(), key=lambda j: int(j.id[1:]))]
-    return active + [view(d, s) for s in d.finished if s["job"] not in d.jobs]
+    return active + [view(d, s) for s in d.recently_finished() if s["job"] not in d.jobs]
 
 
 def _error(status: int, message: str) -> web.Response:

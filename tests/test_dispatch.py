@@ -259,3 +259,18 @@ def test_counting_a_cancelled_jobs_rows_agrees_with_the_row_reader(tmp_path, bod
     finally:
         os.close(fd)
     assert count_rows(p, 8) == want
+
+
+def test_after_a_restart_earlier_jobs_are_listed_but_not_counted_as_finished_since_start(setup):
+    import asyncio
+    store, inbox, d = setup
+    job = _claim(store, inbox, "ok.csv", 3)
+    d.add(job)
+    for c in _drain(d):
+        _ack(d, c)
+    d2 = Dispatcher(store.state_dir, JobStore(store.state_dir))
+    asyncio.run(d2.recover(CsvConfig(), CHUNK))
+    assert d2.finished == []  # status totals count jobs handled since start only
+    assert [s["job"] for s in d2.recently_finished()] == [job.id]
+    with pytest.raises(dispatch.NotAllowed, match="complete"):
+        d2.check(job.id, "cancel")
