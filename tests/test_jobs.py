@@ -79,15 +79,16 @@ def test_cancel_stops_sending_within_a_second_and_every_row_is_final(tmp_path, m
 
 
 def test_a_cancel_survives_a_crash_while_requests_are_still_in_flight(tmp_path, mock, alertd):
-    port = mock("--mode", "slow", "--latency-ms", "3000")
-    cfg = write_config(tmp_path / "alertd.toml", port, rate={"limit": 2000})
+    port = mock("--mode", "slow", "--latency-ms", "8000")
+    cfg = write_config(tmp_path / "alertd.toml", port, rate={"limit": 2000},
+                       webhook={"timeout": 30.0})
     a = alertd(cfg)
     generate(str(tmp_path / "k.csv"), 30_000, seed=16)
     a.drop_link(tmp_path / "k.csv", "k.csv")
     poll(lambda: get_stats(port)["received"] > 100, 30, "requests in flight")
     job = _job_of(a, "k.csv")["job"]
     assert a.cli("cancel", job).returncode == 0
-    # The answers take 3 s: the job is cancelled but not final when the daemon dies.
+    # The answers take 8 s: the job is cancelled but not final when the daemon dies.
     assert {j["job"]: j["state"] for j in _jobs(a)}[job] == "cancelled" and not a.summaries()
     a.kill9()
     b = alertd(cfg)
