@@ -108,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print WAL records as JSON lines")
     p.add_argument("--job", help="only this job's records (e.g. j000042)")
     p.add_argument("--outcome", help="only records with this outcome (delivered, rejected, dead, "
-                   "chunk, replayed, ...)")
+                   "cancelled, chunk, replayed, ...)")
 
     p = _sub(sub, "verify", "prove every row of a job has exactly one final outcome",
              "Re-read the job's source file (spool/ or done/) and check that every row\n"
-             "has exactly one final outcome (delivered, rejected or dead) in the WALs.\n"
+             "has exactly one final outcome (delivered, rejected, dead, or cancelled: inside\n"
+             "the range a cancel recorded, with no other outcome) in the WALs.\n"
              "Exit 1 if any row has none or more than one.")
     p.add_argument("job", help="job id, e.g. j000042 (see `alertd status` or done/)")
 
