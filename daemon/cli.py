@@ -1,4 +1,5 @@
-"""`alertd` command line: run, reload, status, tail, check, verify, dlq.
+"""`alertd` command line: run, reload, status, tail, check, verify, dlq, jobs, pause,
+resume, cancel, priority.
 
 Maps errors to exit codes (see errors.py); everything else lives in the
 modules it calls. Each subcommand takes --config.
@@ -29,6 +30,21 @@ EXIT_CODES = """exit codes:
      state directory)
   2  bad command line or configuration (nothing started; stderr names the key)
   3  the daemon's status API cannot be reached"""
+
+JOB_EXIT = ("job control exits 0 when done, 1 when there is no such job or it cannot take\n"
+            "the action in its state (one line says which), 2 on bad usage, 3 when the\n"
+            "daemon cannot be reached.")
+JOB_COMMANDS = [
+    ("pause", "hold a job: no new row of it is sent until resumed (kept across restarts)",
+     "Within 1 s no new row of the job is sent; requests in flight finish, rows waiting\n"
+     "for a retry are held. The job stays paused across a restart until resumed."),
+    ("resume", "let a paused job go on", "A paused job is scheduled again."),
+    ("cancel", "stop a job: its rows not yet finally sent end as `cancelled`",
+     "Within 1 s no new row is sent; requests in flight finish with their real outcome;\n"
+     "every other row ends as `cancelled` (one range record in wal/worker-998.wal, not one\n"
+     "record per row). The summary counts them and has status \"cancelled\"; `alertd\n"
+     "verify` still proves one final outcome per row. Cannot be undone."),
+]
 
 CONFIG_HELP = "every command reads --config (default $ALERTD_CONFIG, else " \
     f"{config.DEFAULT_CONFIG_PATH})"
@@ -92,11 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print WAL records as JSON lines")
     p.add_argument("--job", help="only this job's records (e.g. j000042)")
     p.add_argument("--outcome", help="only records with this outcome (delivered, rejected, dead, "
-                   "chunk, replayed, ...)")
+                   "cancelled, chunk, replayed, ...)")
 
     p = _sub(sub, "verify", "prove every row of a job has exactly one final outcome",
              "Re-read the job's source file (spool/ or done/) and check that every row\n"
-             "has exactly one final outcome (delivered, rejected or dead) in the WALs.\n"
+             "has exactly one final outcome (delivered, rejected, dead, or cancelled: inside\n"
+             "the range a cancel recorded, with no other outcome) in the WALs.\n"
              "Exit 1 if any row has none or more than one.")
     p.add_argument("job", help="job id, e.g. j000042 (see `alertd status` or done/)")
 
@@ -117,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
              "Exit 1 if any dead letter still fails.")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("job", nargs="?", help="only this job")
+
+    p = _sub(sub, "jobs", "list queued, running, paused and recently finished jobs",
+             "Ask the running daemon for its jobs: queued, running, paused, then the last 50\n"
+             "finished (complete, cancelled, failed with the reason), with state, priority,\n"
+             "rows known so far (N+ while running), delivered, rejected, dead, cancelled and\n"
+             "progress.")
+    p.add_argument("--json", action="store_true", help="print the /v1/jobs JSON document")
+    for name, help_, desc in JOB_COMMANDS:
+        p = _sub(sub, name, help_, desc, JOB_EXIT)
+        p.add_argument("job", help="job id, e.g. j000042 (see `alertd jobs`)")
+    p = _sub(sub, "priority", "set a job's priority: high, normal or low",
+             "Chunks go out by strict priority (high before normal before low), round robin\n"
+             "among the jobs of one level. Kept across restarts.", JOB_EXIT)
+    p.add_argument("job", help="job id, e.g. j000042")
+    p.add_argument("priority", choices=["high", "normal", "low"])
     return ap
 
 
@@ -149,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             return _replay(cfg, args.job)
         if args.cmd == "dlq":
             return commands.dlq_list(cfg, args.job)
+        if args.cmd == "jobs":
+            return commands.jobs(cfg, as_json=args.json)
+        if args.cmd in ("pause", "resume", "cancel", "priority"):
+            return commands.job_action(cfg, args.job, args.cmd, getattr(args, "priority", None))
     except commands.Unavailable as e:
         print(f"alertd: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE

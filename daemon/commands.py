@@ -1,7 +1,8 @@
-"""The operator commands besides `run`: status, reload, tail, verify, dlq list.
+"""The operator commands besides `run`: status, reload, tail, verify, dlq list, jobs and
+job control (pause, resume, cancel, priority).
 
-They read the state directory and the status API; they never change a job
-(reload only signals the daemon). Each returns an exit code (errors.py).
+They read the state directory and the status API; a job changes only through the
+daemon's API (reload only signals the daemon). Each returns an exit code (errors.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -38,7 +40,10 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
+def api(cfg: Config, method: str, path: str, body: Any = None,
+        timeout: float = 5.0) -> tuple[int, Any]:
+    """One request to the daemon's status API (unix socket, or TCP with the token);
+    (status, decoded JSON). Unavailable when nobody answers."""
     kind, addr = cfg.status_address()
     headers = {}
     if kind == "unix":
@@ -46,17 +51,31 @@ def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
     else:
         conn = http.client.HTTPConnection(addr[0], addr[1], timeout=timeout)
         headers["Authorization"] = f"Bearer {cfg.status.token}"
+    data = None
+    if body is not None:
+        data = orjson.dumps(body)
+        headers["Content-Type"] = "application/json"
     try:
-        conn.request("GET", "/v1/status", headers=headers)
+        conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
-        body = resp.read()
+        raw = resp.read()
     except OSError as e:
         raise Unavailable(f"cannot reach alertd at {addr}: {e.strerror or e}") from None
     finally:
         conn.close()
-    if resp.status != 200:
-        raise Unavailable(f"status API at {addr} answered {resp.status}")
-    return orjson.loads(body)
+    if resp.status == 401:
+        raise Unavailable(f"status API at {addr} answered 401 (check [status] token)")
+    try:
+        return resp.status, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise Unavailable(f"status API at {addr} answered {resp.status} without JSON") from None
+
+
+def fetch_status(cfg: Config, timeout: float = 5.0) -> dict[str, Any]:
+    code, doc = api(cfg, "GET", "/v1/status", timeout=timeout)
+    if code != 200:
+        raise Unavailable(f"status API answered {code}")
+    return doc
 
 
 def ready(cfg: Config) -> bool:
@@ -119,7 +138,9 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"{j['job']:8} {j['file'][:20]:20} {_bar(frac)} {frac:>5.0%} {rows:>9} "
                      f"{j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
                      f"{j.get('rate', 0):>7.0f} {_dur(j.get('eta_s')):>7}"
-                     + (f"  FAILED: {j['failed']}" if j["failed"] else ""))
+                     + (f"  FAILED: {j['failed']}" if j["failed"] else "")
+                     + (f"  {j['state'].upper()}" if j.get("state", "running") != "running"
+                        else ""))
     if not doc["jobs"]:
         lines.append("(no job in progress)")
     lines.append("(job counts are as of each job's last acknowledged chunk)")
@@ -259,9 +280,13 @@ def verify(cfg: Config, job: str) -> int:
     size = path.stat().st_size
     once, twice = bytearray(size // 8 + 1), bytearray(size // 8 + 1)
     stray = 0  # outcomes at offsets that are no row of the file
+    cancelled: list[tuple[int, int]] = []  # a cancel: rows here without an outcome are final
     for seg in wal.segments(cfg.state_dir / "wal"):
         for r in wal.records(seg):
             if r["job"] != job or r["out"] not in wal.FINAL:
+                continue
+            if "off" not in r:
+                cancelled.append((r["start"], r["end"]))
                 continue
             off = r["off"]
             if not 0 <= off < size:
@@ -272,7 +297,7 @@ def verify(cfg: Config, job: str) -> int:
                 twice[i] |= bit
             else:
                 once[i] |= bit
-    rows = missing = dupes = 0
+    rows = missing = dupes = ranged = 0
     examples: list[str] = []
     if size > doc["data_start"]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -284,7 +309,10 @@ def verify(cfg: Config, job: str) -> int:
                 for off, _line in chunker.read_rows(fd, start, end, max_line):
                     rows += 1
                     i, bit = off >> 3, 1 << (off & 7)
-                    if not once[i] & bit:
+                    if not once[i] & bit and any(a <= off < b for a, b in cancelled):
+                        ranged += 1  # cancelled: its one final outcome is the range's
+                        problem = ""
+                    elif not once[i] & bit:
                         missing += 1
                         problem = "no final outcome"
                     elif twice[i] & bit:
@@ -299,9 +327,10 @@ def verify(cfg: Config, job: str) -> int:
             os.close(fd)
     stray += int.from_bytes(once, "little").bit_count()
     ok = missing == 0 and dupes == 0 and stray == 0
-    print(f"verify {job}: {rows} rows, {rows - missing - dupes} with exactly one final outcome, "
-          f"{missing} without, {dupes} with more than one, {stray} outcomes at non-row offsets: "
-          f"{'OK' if ok else 'FAILED'}")
+    print(f"verify {job}: {rows} rows, {rows - missing - dupes} with exactly one final outcome"
+          + (f" ({ranged} of them cancelled)" if cancelled else "")
+          + f", {missing} without, {dupes} with more than one, {stray} outcomes at non-row "
+          f"offsets: {'OK' if ok else 'FAILED'}")
     for e in examples:
         print(e)
     return EXIT_OK if ok else EXIT_FAILURE
@@ -318,3 +347,44 @@ def dlq_list(cfg: Config, job: str | None = None) -> int:
         print(f"{f.stem}: {n} dead letters ({f})")
     print(f"total: {total}")
     return EXIT_OK
+
+
+# ------------------------------------------------------------------ jobs
+
+
+def render_jobs(jobs: list[dict[str, Any]]) -> str:
+    """The `alertd jobs` table: one line per job, active ones first."""
+    lines = [f"{'JOB':8} {'FILE':24} {'STATE':9} {'PRIORITY':8} {'ROWS':>9} {'DELIVERED':>9} "
+             f"{'REJECTED':>8} {'DEAD':>6} {'CANCELLED':>9} {'PROGRESS':>8}"]
+    for j in jobs:
+        rows = f"{j['rows']}" if j["rows_final"] else f"{j['rows']}+"
+        lines.append(f"{j['job']:8} {j['file'][:24]:24} {j['state']:9} {j['priority']:8} "
+                     f"{rows:>9} {j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
+                     f"{j['cancelled']:>9} {j['progress']:>8.0%}"
+                     + (f"  {j['reason']}" if j.get("reason") else ""))
+    if not jobs:
+        lines.append("(no jobs)")
+    return "\n".join(lines)
+
+
+def jobs(cfg: Config, as_json: bool = False) -> int:
+    code, doc = api(cfg, "GET", "/v1/jobs")
+    if code != 200:
+        raise AlertdError(f"jobs: the daemon answered {code}: {doc.get('error', doc)}")
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() if as_json
+          else render_jobs(doc["jobs"]))
+    return EXIT_OK
+
+
+def job_action(cfg: Config, job: str, action: str, priority: str | None = None) -> int:
+    """pause/resume/cancel JOB, or set its priority: 0 done, 1 no such job or not in this
+    state (the daemon's reason on one line)."""
+    body = {"priority": priority} if action == "priority" else None
+    code, doc = api(cfg, "POST", f"/v1/jobs/{quote(job, safe='')}/{action}", body)
+    if code == 200:
+        what = f"priority {doc['priority']}" if action == "priority" else doc["state"]
+        print(f"alertd: {doc['job']} {what}")
+        return EXIT_OK
+    reason = doc.get("error") if isinstance(doc, dict) else None
+    print(f"alertd: {action} {job}: {reason or f'the daemon answered {code}'}", file=sys.stderr)
+    return EXIT_CONFIG if code == 400 else EXIT_FAILURE

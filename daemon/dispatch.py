@@ -3,10 +3,11 @@
 Owns the running and queued jobs and the recently finished summaries. Chunks go out round
 robin over the running jobs (strict priority between levels), so a small file dropped behind
 large ones is done in seconds; at most MAX_RUNNING jobs hold an open file and a lazy plan,
-the rest wait their turn at no cost. It hands out chunk descriptors and takes acks back;
-it never talks to a worker process itself (the supervisor does) and never calls a job
-final before the acks say its outcomes are durable. Re-running a dead
-worker's chunks reads the WALs off the event loop.
+the rest wait their turn at no cost. It owns each job's control state too (paused,
+cancelled, priority): what may change in which state is decided here, in `check`. It hands
+out chunk descriptors and takes acks back; it never talks to a worker process itself (the
+supervisor does) and never calls a job final before the acks say its outcomes are durable.
+Re-running a dead worker's chunks, and counting a cancelled job's rows, happen off the loop.
 """
 from __future__ import annotations
 
@@ -22,14 +23,22 @@ from typing import Any
 from . import wal
 from .config import CsvConfig
 from .errors import InputError
-from .jobs import Job, JobStore, partial_counts, reason_of
-from .protocol import Chunk, Counts
+from .jobs import FINISHED_LISTED, Job, JobStore, count_rows, partial_counts, reason_of
+from .protocol import JOB_ACTIONS, Chunk, Counts
 
 log = logging.getLogger("alertd.dispatch")
 
-FINISHED_KEPT = 50  # summaries of jobs finished since start, for status
+FINISHED_KEPT = FINISHED_LISTED  # summaries of the last finished jobs, for status and jobs
 MAX_RUNNING = 64  # jobs planned at once: each holds one descriptor and one chunk plan
 PRIORITIES = ("high", "normal", "low")  # strict order: a level runs only when those above wait
+
+
+class NoSuchJob(Exception):
+    """No job with this id is active or among the recently finished ones (404)."""
+
+
+class NotAllowed(Exception):
+    """The job cannot take this action in its state (409); the message says why."""
 
 
 class Dispatcher:
@@ -37,36 +46,58 @@ class Dispatcher:
         self.wal_dir = state_dir / "wal"
         self.store = store
         self.jobs: dict[str, Job] = {}
-        self.finished: list[dict] = []
+        self.finished: list[dict] = []  # since start (status, metrics totals)
+        self.earlier: list[dict] = []  # finished before this start, from done/ and failed/
         self.priority: dict[str, str] = {}
         self._running = {p: deque[str]() for p in PRIORITIES}  # round robin: served job at the end
         self._queued = {p: deque[str]() for p in PRIORITIES}  # not yet planned, oldest first
+        # Paused jobs leave the schedule (and free their running slot); the value says
+        # whether the job had an open plan (it keeps it) or goes back to the queue.
+        self.paused: dict[str, bool] = {}
+        self._closing: set[str] = set()  # cancelled, final: counting rows for the summary
         self._promoted = 0  # how many jobs have left the queue, to notice it during a pass
 
     async def recover(self, csv: CsvConfig, chunk_bytes: int) -> None:
-        """Take up the jobs a previous run left unfinished, skipping what their WALs prove."""
+        """Take up the jobs a previous run left unfinished, skipping what their WALs prove,
+        with their priority, pause and cancel kept."""
         loop = asyncio.get_running_loop()
         t = time.monotonic()
+        self.earlier = await loop.run_in_executor(None, self.store.load_finished, FINISHED_KEPT)
         jobs = await loop.run_in_executor(None, self.store.load_unfinished, csv, chunk_bytes)
         if not jobs:
             return
         rec = await loop.run_in_executor(None, wal.recover, self.wal_dir, [j.id for j in jobs])
         for job in jobs:
             job.recovery = rec.get(job.id)
-            self.add(job)
+            job.control = await loop.run_in_executor(None, self.store.read_control, job.id)
+            prio = job.control.get("priority", "normal")
+            self.add(job, prio if prio in PRIORITIES else "normal")
         log.info("recovered %d unfinished jobs from the WALs in %.2f s", len(jobs),
                  time.monotonic() - t)
 
     def add(self, job: Job, priority: str = "normal") -> None:
-        """A claimed (or recovered) job joins the schedule, queued until a running slot frees."""
+        """A claimed (or recovered) job joins the schedule, queued until a running slot
+        frees; a recovered one keeps its persisted pause or cancel."""
         self.jobs[job.id] = job
         self.priority[job.id] = priority
-        self._queued[priority].append(job.id)
-        self._promote()
-        if self.state(job.id) == "queued":
+        state = job.control.get("state")
+        if state == "cancelled":
+            job.cancel()  # persisted before it was applied: finish with what the WAL has
+            self._finalize_if_final(job)
+            return
+        if state == "paused":
+            self.paused[job.id] = False  # its plan opens when it is resumed
+        else:
+            self._queued[priority].append(job.id)
+            self._promote()
+        if self.state(job.id) in ("queued", "paused"):
             job.park()
 
     def state(self, job_id: str) -> str:
+        if job_id in self._closing or (job_id in self.jobs and self.jobs[job_id].cancelled):
+            return "cancelled"
+        if job_id in self.paused:
+            return "paused"
         return "queued" if any(job_id in q for q in self._queued.values()) else "running"
 
     def _promote(self) -> None:
@@ -78,11 +109,14 @@ class Dispatcher:
             job = self.jobs[self._queued[level].popleft()]
             self._running[level].append(job.id)
             self._promoted += 1
-            try:
-                job.open_plan()
-            except (OSError, InputError) as e:  # e.g. a spool file swapped or cut since
-                job.fail(reason_of(e))
-            self._finalize_if_final(job)  # an empty or unreadable file is final at once
+            self._open(job)
+
+    def _open(self, job: Job) -> None:
+        try:
+            job.open_plan()
+        except (OSError, InputError) as e:  # e.g. a spool file swapped or cut since
+            job.fail(reason_of(e))
+        self._finalize_if_final(job)  # an empty or unreadable file is final at once
 
     def next_chunk(self) -> Chunk | None:
         """The next chunk to hand out: the highest level with work, round robin inside it;
@@ -128,7 +162,8 @@ class Dispatcher:
 
     async def requeue(self, chunks: Iterable[Chunk]) -> None:
         """Re-run a dead worker's chunks, skipping rows its WAL already has outcomes for.
-        The chunks stay outstanding in their jobs meanwhile, so no job can finish early."""
+        The chunks stay outstanding in their jobs meanwhile, so no job can finish early.
+        A cancelled job's chunks are not re-run: they keep the outcomes the WAL has."""
         held = list(chunks)
         if not held:
             return
@@ -143,22 +178,150 @@ class Dispatcher:
                 self.ack(chunk.job, chunk.seq, r.chunks[chunk.seq])  # its marker reached the WAL
                 continue
             done, prior = partial_counts(r.partial.get(chunk.seq, {})) if r else (frozenset(), None)
-            job.requeue(dataclasses.replace(
-                chunk, done=done | chunk.done, prior=prior if prior is not None else chunk.prior))
+            prior = prior if prior is not None else chunk.prior
+            if job.cancelled:
+                self.ack(chunk.job, chunk.seq, prior)
+                continue
+            job.requeue(dataclasses.replace(chunk, done=done | chunk.done, prior=prior))
+
+    # ------------------------------------------------------------ control
+
+    def find(self, job_id: str) -> Job | dict | None:
+        """The active job, or the summary of a recently finished one, or None."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job
+        return next((s for s in reversed(self.recently_finished()) if s["job"] == job_id), None)
+
+    def recently_finished(self) -> list[dict]:
+        """The last FINISHED_KEPT finished jobs, those of earlier runs included, oldest first."""
+        self.take_claim_failures()
+        if not self.earlier:
+            return self.finished
+        seen = {s["job"] for s in self.finished}
+        return ([s for s in self.earlier if s["job"] not in seen] + self.finished)[-FINISHED_KEPT:]
+
+    def check(self, job_id: str, action: str, priority: str | None = None) -> None:
+        """Raise NoSuchJob or NotAllowed (with the reason) unless `action` ("pause",
+        "resume", "cancel", "priority") may be applied to the job now."""
+        found = self.find(job_id)
+        if found is None:
+            raise NoSuchJob(f"no such job: {job_id}")
+        if action not in (*JOB_ACTIONS, "priority"):
+            raise ValueError(f"unknown action {action!r}")
+        if action == "priority" and priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
+        state = found.get("status", "complete") if isinstance(found, dict) else \
+            self.state(job_id)
+        if state in ("complete", "failed", "cancelled"):
+            verb = {"pause": "paused", "resume": "resumed", "cancel": "cancelled",
+                    "priority": "given a priority"}[action]
+            again = " (already cancelled)" if state == "cancelled" and action == "cancel" else ""
+            raise NotAllowed(f"{job_id} is {state}{again}: a finished job cannot be {verb}")
+        if action == "pause" and state == "paused":
+            raise NotAllowed(f"{job_id} is already paused")
+        if action == "resume" and state != "paused":
+            raise NotAllowed(f"{job_id} is {state}, not paused: nothing to resume")
+
+    def control_doc(self, job_id: str, action: str, priority: str | None = None) -> dict:
+        """What spool/<job>.control.json holds once `action` is applied."""
+        state = {"pause": "paused", "cancel": "cancelled", "resume": "running"}.get(
+            action, "paused" if job_id in self.paused else "running")
+        return {"state": state, "priority": priority or self.priority[job_id]}
+
+    def apply(self, job_id: str, action: str, priority: str | None = None) -> None:
+        """Change the job's schedule (check() passed just before, on the event loop)."""
+        job = self.jobs[job_id]
+        if action == "pause":
+            had_plan = self._detach(job_id)
+            self.paused[job_id] = had_plan
+        elif action == "resume":
+            if self.paused.pop(job_id):
+                self._running[self.priority[job_id]].append(job_id)
+            else:
+                self._queued[self.priority[job_id]].append(job_id)
+                self._promote()
+        elif action == "cancel":
+            self._detach(job_id)
+            self.paused.pop(job_id, None)
+            job.cancel()
+            self._finalize_if_final(job)
+        elif action == "priority" and priority != self.priority[job_id]:
+            old = self.priority[job_id]
+            self.priority[job_id] = priority
+            if job_id in self._running[old]:
+                self._running[old].remove(job_id)
+                self._running[priority].append(job_id)
+            elif job_id in self._queued[old]:
+                self._queued[old].remove(job_id)
+                self._queued[priority].append(job_id)
+                self._promote()
+
+    def _detach(self, job_id: str) -> bool:
+        """Take the job out of the rings and queues; True if it was running (planned)."""
+        prio = self.priority.get(job_id, "normal")
+        if job_id in self._running[prio]:
+            self._running[prio].remove(job_id)
+            self._promote()  # its slot is free
+            return True
+        if job_id in self._queued[prio]:
+            self._queued[prio].remove(job_id)
+        return False
+
+    # ------------------------------------------------------------ finishing
 
     def _finalize_if_final(self, job: Job) -> None:
-        if not job.final or self.jobs.get(job.id) is not job:
+        if not job.final or self.jobs.get(job.id) is not job or job.id in self._closing:
             return
+        self._detach(job.id)
+        self.paused.pop(job.id, None)
+        if job.cancelled and job.failed is None:
+            # The rows never handed out may be millions: count them in a thread.
+            self._closing.add(job.id)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # unit tests drive the dispatcher without a loop
+                self._close_cancelled(job, count_rows(job.spool, job.data_start))
+                return
+            fut = loop.run_in_executor(None, count_rows, job.spool, job.data_start)
+            fut.add_done_callback(lambda f: self._counted(job, f))
+            return
+        self._finish(job)
+
+    def _counted(self, job: Job, fut: asyncio.Future[int]) -> None:
+        try:
+            rows = fut.result()
+        except (OSError, InputError) as e:
+            log.error("%s: cannot count the rows of the cancelled job: %s", job.id, reason_of(e))
+            rows = 0  # the summary still ends it; `alertd verify` can still check
+        self._close_cancelled(job, rows)
+
+    def _close_cancelled(self, job: Job, rows: int) -> None:
+        job.settle_cancelled(rows)
+        self._closing.discard(job.id)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
         del self.jobs[job.id]
-        self._running[self.priority.pop(job.id)].remove(job.id)
+        job.priority = self.priority.pop(job.id, job.priority)
         summary = self.store.finalize(job)
         self._promote()
         self.finished = (self.finished + [summary])[-FINISHED_KEPT:]
-        log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d possible duplicates",
-                 job.id, summary["status"], summary["rows"], summary["delivered"],
-                 summary["rejected"], summary["dead"], summary["possible_duplicates"])
+        log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d cancelled, "
+                 "%d possible duplicates", job.id, summary["status"], summary["rows"],
+                 summary["delivered"], summary["rejected"], summary["dead"],
+                 summary["cancelled"], summary["possible_duplicates"])
+
+    def take_claim_failures(self) -> None:
+        """Files that failed at claim (noted by the store's claim thread) join `finished`."""
+        q = self.store.claim_failures
+        while q:
+            self.finished = (self.finished + [q.popleft()])[-FINISHED_KEPT:]
+
+    # ------------------------------------------------------------ views
 
     def snapshot(self) -> list[dict[str, Any]]:
+        self.take_claim_failures()
         out = []
         for job in self.jobs.values():
             out.append({"job": job.id, "file": job.name, "bytes": job.size,

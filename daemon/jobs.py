@@ -30,6 +30,8 @@ from .wal import JobRecovery, fsync_dir, open_private
 log = logging.getLogger("alertd.jobs")
 
 JOB_RE = re.compile(r"^(j\d{6,})--(.+)$")
+FINISHED_LISTED = 50  # finished jobs `alertd jobs` lists
+_FINISHED_RE = re.compile(r"^j(\d{6,})(\.summary\.json|--.*\.reason)$", re.S)
 SNIFF_BYTES = 64 * 1024
 
 
@@ -112,6 +114,9 @@ class Job:
     counts: Counts = field(default_factory=Counts)
     recovery: JobRecovery | None = None
     failed: str | None = None
+    cancelled: bool = False  # no further row is handed out; the rest end as `cancelled`
+    priority: str = "normal"  # as the dispatcher last had it: kept in the summary
+    control: dict = field(default_factory=dict)  # spool/<job>.control.json as loaded at start
     outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes, handed out, not acked
     bytes_done: int = 0  # bytes of chunks whose every row is final
     requeued: deque[Chunk] = field(default_factory=deque)
@@ -204,6 +209,30 @@ class Job:
         self.failed = reason
         self._close_plan()
 
+    def cancel(self) -> None:
+        """Hand out nothing more. Chunks waiting to be re-run keep only the outcomes their
+        WAL already has; chunks at workers still come back (their requests in flight end)."""
+        self.cancelled = True
+        for c in self.requeued:
+            self.outstanding.pop(c.seq, None)
+            self.counts.add(c.prior)
+        self.requeued.clear()
+        rec = self.recovery
+        if rec is not None:  # what the WAL has for chunks the plan never reached this run
+            for seq, counts in rec.chunks.items():
+                if seq >= self._seq:  # chunks the plan has not reached yet
+                    self.counts.add(counts)
+            for seq, rows in rec.partial.items():
+                if seq >= self._seq:
+                    self.counts.add(partial_counts(rows)[1])
+        self._close_plan()
+
+    def settle_cancelled(self, rows: int) -> None:
+        """The job's file has `rows` rows: those without a real outcome are cancelled."""
+        c = self.counts
+        c.cancelled = max(0, rows - c.delivered - c.rejected - c.dead)
+        c.rows = c.delivered + c.rejected + c.dead + c.cancelled
+
     def manifest(self) -> dict:
         lay = self.layout
         return {"job": self.id, "name": self.name, "spool": str(self.spool),
@@ -217,11 +246,39 @@ class Job:
                            "data_rest": lay.data_rest}}
 
 
+def count_rows(path: Path, data_start: int) -> int:
+    """Rows of a spool file from `data_start`, as workers and `alertd verify` read them:
+    every line is a row (blank, bad or too long ones too), a last line without its newline
+    as well. Counts newlines in 1 MiB blocks (about 1 GB/s), so a cancelled job of many
+    millions of rows is summed in seconds; blocking: run it in a thread."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        n, pos, last = 0, data_start, b"\n"
+        while pos < size:
+            block = os.pread(fd, min(1 << 20, size - pos), pos)
+            if not block:
+                break
+            n += block.count(b"\n")
+            last = block[-1:]
+            pos += len(block)
+        return n + (last != b"\n")
+    finally:
+        os.close(fd)
+
+
 def partial_counts(rows: dict[int, tuple[str, bool]]) -> tuple[frozenset[int], Counts]:
     c = Counts()
     for out, dup in rows.values():
         c.count(Outcome(out), dup)
     return frozenset(rows), c
+
+
+def failed_summary(job_id: str, name: str, reason: str, at: float) -> dict:
+    """The summary of a file that could not be read at claim (no rows were read)."""
+    return {"job": job_id, "file": name, **Counts().as_dict(), "started_at": iso(at),
+            "finished_at": iso(at), "duration_s": 0.0, "bytes": 0, "status": "failed",
+            "reason": reason}
 
 
 class JobStore:
@@ -238,6 +295,62 @@ class JobStore:
             d.mkdir(parents=True, exist_ok=True)
         self._seq_file = state_dir / "jobseq"
         self._last, self._claiming = self._load_last_id()
+        # Files that failed at claim (in a thread): the dispatcher lists them as finished.
+        self.claim_failures: deque[dict] = deque(maxlen=FINISHED_LISTED)
+
+    # ------------------------------------------------------------ job control files
+
+    def control_path(self, job_id: str) -> Path:
+        return self.spool / f"{job_id}.control.json"
+
+    def write_control(self, job_id: str, state: str, priority: str) -> None:
+        """Persist a job's pause/cancel state and priority (blocking: fsyncs)."""
+        write_atomic(self.control_path(job_id),
+                     orjson.dumps({"job": job_id, "state": state, "priority": priority}))
+
+    def read_control(self, job_id: str) -> dict:
+        try:
+            doc = orjson.loads(self.control_path(job_id).read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, orjson.JSONDecodeError) as e:
+            log.error("%s: control file unreadable (%s): the job runs at normal priority",
+                      job_id, e)
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def load_finished(self, n: int = FINISHED_LISTED) -> list[dict]:
+        """The last `n` finished jobs on disk, oldest first: summaries in done/, and files
+        that failed at claim (failed/*.reason without a summary). Reads only those `n`
+        files, however many jobs have finished. Blocking."""
+        found: dict[int, tuple[str, Path]] = {}
+        for d, kind in ((self.failed, "reason"), (self.done, "summary")):  # summaries win
+            for name in os.listdir(d):
+                m = _FINISHED_RE.match(name)
+                if m is None or (kind == "summary") != (m.group(2) == ".summary.json"):
+                    continue
+                had = found.get(int(m.group(1)))
+                # A file named x.reason fails as j..--x.reason beside j..--x.reason.reason.
+                if had is None or had[0] == "reason" and len(had[1].name) < len(name) or \
+                        kind == "summary":
+                    found[int(m.group(1))] = (kind, d / name)
+        out = []
+        for _, (kind, p) in sorted(found.items())[-n:]:
+            try:
+                if kind == "summary":
+                    doc = orjson.loads(p.read_bytes())
+                    if isinstance(doc, dict) and "job" in doc:
+                        out.append(doc)
+                    continue
+                text, mtime = p.read_text(errors="replace"), p.stat().st_mtime
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            m = JOB_RE.match(p.name[:-len(".reason")])
+            reason, _, rest = text.partition("\n")
+            name = rest[len("file: "):].rstrip("\n") if rest.startswith("file: ") else \
+                (m.group(2) if m else p.name)
+            out.append(failed_summary(p.name.split("--", 1)[0], name, reason, mtime))
+        return out
 
     def _load_last_id(self) -> tuple[int, dict[str, str]]:
         last, claiming = 0, {}
@@ -300,6 +413,7 @@ class JobStore:
             if not isinstance(e, (InputError, OSError)):
                 log.exception("%s (%s): unexpected error while claiming", job_id, name)
             self.move_failed(job_id, name, spool, reason_of(e))
+            self.claim_failures.append(failed_summary(job_id, name, reason_of(e), time.time()))
             return None
         log.info("claimed %s as %s (%d bytes)", name, job_id, job.size)
         return job
@@ -388,7 +502,8 @@ class JobStore:
         summary = {"job": job.id, "file": job.name, **c.as_dict(),
                    "started_at": iso(job.started_at), "finished_at": iso(now),
                    "duration_s": round(now - job.started_at, 3), "bytes": job.size,
-                   "status": "failed" if job.failed else "complete"}
+                   "status": "failed" if job.failed else
+                   "cancelled" if job.cancelled else "complete", "priority": job.priority}
         if job.failed:
             summary["reason"] = job.failed
         write_atomic(self.done / f"{job.id}.summary.json",
@@ -397,6 +512,7 @@ class JobStore:
             self.move_failed(job.id, job.name, job.spool, job.failed)
         else:
             self._finish_moves(job.id, job.spool)
+        self.control_path(job.id).unlink(missing_ok=True)
         return summary
 
     def _finish_moves(self, job_id: str, spool: Path) -> None:

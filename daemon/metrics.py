@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
-OUTCOMES = ("delivered", "rejected", "dead", "possible_duplicates")
+OUTCOMES = ("delivered", "rejected", "dead", "cancelled", "possible_duplicates")
 BREAKER = {"closed": 0, "open": 1}  # while open, probes go out: no separate half-open state
 
 Samples = list[tuple[dict[str, object], "float | int | None"]]
@@ -46,7 +46,7 @@ def render(doc: dict[str, Any]) -> str:
     o.family("alertd_rows_total", "counter",
              "Rows with a final outcome in jobs handled since start (active jobs: as of "
              "their last acknowledged chunk).",
-             [({"outcome": k}, t[k]) for k in ("delivered", "rejected", "dead")])
+             [({"outcome": k}, t[k]) for k in ("delivered", "rejected", "dead", "cancelled")])
     o.family("alertd_possible_duplicates_total", "counter",
              "Delivered rows whose request may have reached the endpoint more than once.",
              [({}, t["possible_duplicates"])])

@@ -13,11 +13,14 @@ from .config import Config
 
 
 class Outcome(str, enum.Enum):
-    """How a row ended. All three are final; a row has exactly one."""
+    """How a row ended. All four are final; a row has exactly one."""
 
     DELIVERED = "delivered"
     REJECTED = "rejected"  # bad input: never sent, reason in rejects/<job>.jsonl
     DEAD = "dead"  # gave up sending: details in dlq/<job>.jsonl
+    # The job was cancelled before the row was finally sent. Recorded once per job as a
+    # range (wal.encode_cancel), never per row: it covers the rows without another outcome.
+    CANCELLED = "cancelled"
 
 
 @dataclass(slots=True)
@@ -29,6 +32,7 @@ class Counts:
     rejected: int = 0
     dead: int = 0
     possible_duplicates: int = 0
+    cancelled: int = 0
 
     def add(self, other: Counts) -> None:
         self.rows += other.rows
@@ -36,6 +40,7 @@ class Counts:
         self.rejected += other.rejected
         self.dead += other.dead
         self.possible_duplicates += other.possible_duplicates
+        self.cancelled += other.cancelled
 
     def count(self, outcome: Outcome, dup: bool = False) -> None:
         self.rows += 1
@@ -43,6 +48,8 @@ class Counts:
             self.delivered += 1
         elif outcome is Outcome.REJECTED:
             self.rejected += 1
+        elif outcome is Outcome.CANCELLED:
+            self.cancelled += 1
         else:
             self.dead += 1
         if dup:
@@ -50,7 +57,8 @@ class Counts:
 
     def as_dict(self) -> dict[str, int]:
         return {"rows": self.rows, "delivered": self.delivered, "rejected": self.rejected,
-                "dead": self.dead, "possible_duplicates": self.possible_duplicates}
+                "dead": self.dead, "possible_duplicates": self.possible_duplicates,
+                "cancelled": self.cancelled}
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +138,15 @@ class Drain:
     """Supervisor -> worker: take no new chunk, finish in flight (or hurry), flush, exit 0."""
 
     hurry: bool = False
+
+
+JOB_ACTIONS = ("pause", "resume", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class JobControl:
+    """Supervisor -> worker: hold a job's rows (pause), let them go again (resume), or drop
+    the ones not yet finally sent (cancel). Requests in flight always finish."""
+
+    job: str
+    action: str  # one of JOB_ACTIONS

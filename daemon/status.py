@@ -27,7 +27,7 @@ import orjson
 import psutil
 from aiohttp import web
 
-from . import __version__, metrics
+from . import __version__, jobsapi, metrics
 from .config import Config
 from .errors import ConfigError
 from .intake import Intake
@@ -242,6 +242,7 @@ class StatusServer:
         self.sampler = Sampler()
         self._task: asyncio.Task[None] | None = None
         self.gate: _Gate | None = None
+        self.jobs: jobsapi.Controller | None = None  # the supervisor, for /v1/jobs
 
     def _app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth] if self._kind == "tcp" else [])
@@ -250,6 +251,8 @@ class StatusServer:
         app.router.add_get("/healthz", self._health)
         if self._intake is not None:
             app.router.add_post("/v1/files", self._intake.handle, expect_handler=self._expect)
+        if self.jobs is not None:
+            jobsapi.add_routes(app, self.jobs)
         return app
 
     def _refused(self, request: web.Request) -> web.Response | None:

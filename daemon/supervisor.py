@@ -18,15 +18,15 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import config as config_mod
-from . import ratelimit, signals, systemd, worker
+from . import ratelimit, signals, systemd, wal, worker
 from .breaker import Breaker
 from .claims import Claims
 from .config import Config
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, NoSuchJob, NotAllowed
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
 from .intake import Intake
 from .jobs import Job, JobStore
-from .protocol import Chunk, ChunkAck, ChunkFailed, Drain, Ready, Reload
+from .protocol import JOB_ACTIONS, Chunk, ChunkAck, ChunkFailed, Drain, JobControl, Ready, Reload
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
@@ -74,6 +74,7 @@ class Supervisor:
         self._claims = Claims(self.store, lambda: self.cfg, self._on_job)
         self._tasks: list[asyncio.Task[None]] = []
         self._exit_code = EXIT_OK
+        self._control_lock = asyncio.Lock()  # one job control at a time: check, persist, apply
 
     # ------------------------------------------------------------ main loop
 
@@ -86,6 +87,7 @@ class Supervisor:
         intake = Intake(lambda: self.cfg, lambda: len(self.dispatch.jobs), self._claims.claim,
                         lambda: self.draining)
         self._status = StatusServer(cfg, self.snapshot, intake)
+        self._status.jobs = self
         await self._status.start()
         ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
         await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
@@ -209,15 +211,51 @@ class Supervisor:
         if self.draining:
             return
         live = [w for w in self.workers.values() if w.ready and not w.retiring]
+        paused = self.dispatch.paused
         for _ in range(PREFETCH):
             for w in live:
-                if len(w.chunks) >= PREFETCH:
+                # A paused job's chunks stay with the worker that holds them, unacked; they
+                # do not count here, so they never keep other jobs' chunks from it.
+                if sum(1 for job, _ in w.chunks if job not in paused) >= PREFETCH:
                     continue
                 c = self.dispatch.next_chunk()
                 if c is None:
                     return
                 w.chunks[(c.job, c.seq)] = c
                 w.conn.send(c)
+
+    async def control_job(self, job_id: str, action: str, priority: str | None = None) -> None:
+        """pause/resume/cancel a job or set its priority: checked (NoSuchJob, NotAllowed),
+        persisted (a cancel's range record in the WAL, then spool/<job>.control.json), then
+        applied and told to every worker, so a restart never undoes what was answered."""
+        async with self._control_lock:
+            d = self.dispatch
+            d.check(job_id, action, priority)
+            job = d.jobs[job_id]
+            doc = d.control_doc(job_id, action, priority)
+            loop = asyncio.get_running_loop()
+            if action == "cancel":
+                rec = wal.encode_cancel(job_id, job.data_start, max(job.size, job.data_start),
+                                        time.time())
+                await loop.run_in_executor(None, wal.append_durable,
+                                           self.cfg.state_dir / "wal", wal.CONTROL_WAL, rec)
+            await loop.run_in_executor(None, self.store.write_control, job_id, doc["state"],
+                                       doc["priority"])
+            try:
+                d.check(job_id, action, priority)  # it may have finished while we wrote
+            except (NoSuchJob, NotAllowed):
+                if job_id not in d.jobs:  # finalize removed the file before we wrote it
+                    self.store.control_path(job_id).unlink(missing_ok=True)
+                raise
+            d.apply(job_id, action, priority)
+            if action in JOB_ACTIONS:
+                for w in self.workers.values():
+                    try:
+                        w.conn.send(JobControl(job_id, action))
+                    except OSError:
+                        pass  # a dying worker: its chunks come back through requeue
+            log.info("%s: %s%s", job_id, action, f" {priority}" if priority else "")
+            self._pump()
 
     # ------------------------------------------------------------ workers
 

@@ -29,6 +29,9 @@ def human(r: Record) -> str:
     ts = datetime.fromtimestamp(r["ts"]).strftime("%H:%M:%S.%f")[:-3]
     if r["out"] == "chunk":
         return f"{ts} {r['job']} chunk {r['ck']} final: {r['rows']} rows"
+    if "off" not in r:  # a cancel's range record
+        return (f"{ts} {r['job']} {r['out']:9} rows in [{r.get('start')}, {r.get('end')}) "
+                f"without another outcome")
     extra = f" {r['err']}" if r.get("err") else ""
     return (f"{ts} {r['job']}:{r['off']} {r['out']:9} status {r['st']} attempts {r['att']}"
             f" user {r['uid']}{extra}")

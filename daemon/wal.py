@@ -26,7 +26,8 @@ from .protocol import Counts
 
 _CRC = b',"crc":'
 _CHUNK = b'"out":"chunk"'
-FINAL = frozenset(("delivered", "rejected", "dead"))  # a row has exactly one of these
+FINAL = frozenset(("delivered", "rejected", "dead", "cancelled"))  # a row has exactly one
+CONTROL_WAL = 998  # the supervisor's own WAL index: wal/worker-998.wal holds cancel ranges
 _NAME = re.compile(r"worker-(\d+)(?:\.(\d+))?\.wal")
 
 _dumps = orjson.dumps
@@ -65,6 +66,33 @@ def encode_chunk(job: str, ck: int, end: int, counts: Counts, ts: float) -> byte
                   "dead": counts.dead, "possible_duplicates": counts.possible_duplicates,
                   "ts": ts})
     return _join((rec[:-1], _CRC, b"%d" % _crc32(rec), b"}\n"))
+
+
+def encode_cancel(job: str, start: int, end: int, ts: float) -> bytes:
+    """Every row offset in [start, end) of `job` that has no other final outcome is
+    cancelled: one record per cancelled job, however many rows it never sent."""
+    rec = _dumps({"job": job, "ck": -1, "out": "cancelled", "start": start, "end": end,
+                  "ts": ts})
+    return _join((rec[:-1], _CRC, b"%d" % _crc32(rec), b"}\n"))
+
+
+def append_durable(wal_dir: Path, index: int, line: bytes) -> None:
+    """Append one record to wal/worker-<index>.wal and fsync it (blocking: run it in a
+    thread). For rare records written by one process (the supervisor's cancels); a torn
+    tail left by a crash is cut first so the record starts on its own line."""
+    wal_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    path = wal_dir / f"worker-{index}.wal"
+    fd = open_private(path, os.O_RDWR | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                os.ftruncate(fd, mm.rfind(b"\n") + 1)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(wal_dir)
 
 
 def decode(line: bytes) -> dict | None:

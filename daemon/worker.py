@@ -4,6 +4,8 @@ Each worker reads its chunk's bytes from the spool file itself (pread); only
 chunk descriptors and acks cross the pipe to the supervisor. policy.py says what
 each answer means; the worker schedules it (send, retry, hold, give up), and
 outcomes.py records what became of each row. Every row a lane takes is settled.
+A paused job's rows are held here (chunks it holds stay unacked, its retries wait);
+a cancelled job's rows not yet finally sent are dropped, left to its cancel range.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .config import Config
 from .outcomes import ChunkState, Recorder
 from .payload import Payloads
 from .policy import Action, Decision
-from .protocol import Chunk, ChunkFailed, Drain, Outcome, Ready, Reload
+from .protocol import Chunk, ChunkFailed, Drain, JobControl, Outcome, Ready, Reload
 from .ratelimit import TokenBudget
 from .shm import Shared
 from .sidelog import SideLog
@@ -67,6 +69,10 @@ class Worker:
         self._apply(cfg)
         self._chunks: deque[Chunk] = deque()
         self._cur: ChunkState | None = None
+        self._paused: set[str] = set()  # jobs whose rows are held
+        self._cancelled: set[str] = set()  # jobs whose unsent rows are dropped
+        self._parked: list[ChunkState] = []  # partly read chunks of paused (or resumed) jobs
+        self._held: dict[str, list[_Alert]] = {}  # paused jobs' rows that await a retry
         self._retries: list[tuple[float, int, _Alert]] = []  # (due, tiebreak, alert)
         self._tiebreak = 0
         self._more = asyncio.Event()
@@ -147,6 +153,61 @@ class Worker:
             self._resize_lanes()
         elif isinstance(msg, Drain):
             self._drain(msg.hurry)
+        elif isinstance(msg, JobControl):
+            self._job_control(msg.job, msg.action)
+
+    def _job_control(self, job: str, action: str) -> None:
+        if action == "pause":
+            self._paused.add(job)
+            held = [e for e in self._retries if e[2].cs.chunk.job == job]
+            if held:
+                self._retries = [e for e in self._retries if e[2].cs.chunk.job != job]
+                heapq.heapify(self._retries)
+                self._held.setdefault(job, []).extend(e[2] for e in held)
+            if self._cur is not None and self._cur.chunk.job == job:
+                self._parked.append(self._cur)
+                self._cur = None
+        elif action == "resume":
+            self._paused.discard(job)
+            now = time.monotonic()
+            for a in self._held.pop(job, []):
+                self._push(a, now)
+            self._more.set()
+        elif action == "cancel":
+            self._cancel(job)
+
+    def _cancel(self, job: str) -> None:
+        """Drop the job's rows not yet finally sent: unread rows, held and waiting retries.
+        Requests in flight end with their real outcome; each chunk is then acked with the
+        outcomes it has (the job's cancel range covers the rest)."""
+        self._paused.discard(job)
+        self._cancelled.add(job)
+        states = [cs for cs in self._parked if cs.chunk.job == job]
+        self._parked = [cs for cs in self._parked if cs.chunk.job != job]
+        if self._cur is not None and self._cur.chunk.job == job:
+            states.append(self._cur)
+            self._cur = None
+        states += [ChunkState(c, iter(())) for c in self._chunks if c.job == job]
+        self._chunks = deque(c for c in self._chunks if c.job != job)
+        for cs in states:
+            cs.rows = None
+            cs.parsed = True
+        waiting = [e[2] for e in self._retries if e[2].cs.chunk.job == job]
+        if waiting:
+            self._retries = [e for e in self._retries if e[2].cs.chunk.job != job]
+            heapq.heapify(self._retries)
+        dropped = self._held.pop(job, []) + waiting
+        for a in dropped:
+            self._drop(a)
+        for cs in states:
+            self.outcomes.finish_if_done(cs)
+
+    def _drop(self, a: _Alert) -> None:
+        """A cancelled job's row that will not be sent again: no record of its own."""
+        a.busy = False
+        self._pending -= 1
+        a.cs.outstanding -= 1
+        self.outcomes.finish_if_done(a.cs)
 
     def _drain(self, hurry: bool) -> None:
         self._draining = True
@@ -250,15 +311,31 @@ class Worker:
     def _rows_waiting(self) -> bool:
         return self._cur is not None or bool(self._chunks)
 
+    def _next_chunk(self) -> Chunk | ChunkState | None:
+        """What _read_row reads next (a parked chunk first), skipping paused jobs."""
+        for cs in self._parked:
+            if cs.chunk.job not in self._paused:
+                return cs
+        for c in self._chunks:
+            if c.job not in self._paused:
+                return c
+        return None
+
     def _read_row(self) -> _Alert | None:
         while True:
             cs = self._cur
             if cs is None:
-                if not self._chunks:
+                nxt = self._next_chunk()
+                if nxt is None:
                     return None
-                cs = self._open_chunk(self._chunks.popleft())
-                if cs is None:
-                    continue
+                if isinstance(nxt, ChunkState):
+                    self._parked.remove(nxt)
+                    cs = self._cur = nxt
+                else:
+                    self._chunks.remove(nxt)
+                    cs = self._open_chunk(nxt)
+                    if cs is None:
+                        continue
             for off, line in cs.rows:
                 if off in cs.chunk.done:
                     continue
@@ -285,7 +362,7 @@ class Worker:
         """While the endpoint is down, rows of jobs older than retry.max_age are dead
         without a send: the job can then complete instead of waiting forever."""
         max_age = self.cfg.retry.max_age
-        while (cs := self._cur or (self._chunks[0] if self._chunks else None)) is not None:
+        while (cs := self._cur or self._next_chunk()) is not None:
             chunk = cs.chunk if isinstance(cs, ChunkState) else cs
             if time.time() - chunk.started_at < max_age:
                 return
@@ -320,6 +397,10 @@ class Worker:
             return
         if not self.budget.try_take():
             await self.budget.acquire()
+            job = a.cs.chunk.job
+            if gate is not Gate.PROBE and (job in self._paused or job in self._cancelled):
+                self._push(a, time.monotonic())  # paused or cancelled while waiting: not sent
+                return
         if a.attempts:
             self._sent_retry += 1
         else:
@@ -427,6 +508,14 @@ class Worker:
         self._push(a, time.monotonic() + delay)
 
     def _push(self, a: _Alert, due: float) -> None:
+        job = a.cs.chunk.job
+        if job in self._cancelled:
+            self._drop(a)
+            return
+        if job in self._paused:
+            a.busy = False
+            self._held.setdefault(job, []).append(a)
+            return
         a.busy = False
         self._tiebreak += 1
         heapq.heappush(self._retries, (due, self._tiebreak, a))

@@ -261,12 +261,17 @@ def test_secrets_file_readable_by_others_is_refused(tmp_path):
 def test_openapi_file_is_consistent() -> None:
     """Every $ref resolves and each documented path is one the server routes."""
     assert OPENAPI["openapi"].startswith("3.0")
-    assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz", "/v1/files"}
+    actions = ("pause", "resume", "cancel", "priority")
+    assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz", "/v1/files", "/v1/jobs",
+                                     "/v1/jobs/{job}", *(f"/v1/jobs/{{job}}/{a}" for a in actions)}
     for name in OPENAPI["components"]["schemas"]:
         jsonschema.Draft202012Validator.check_schema(json_schema(name))
     src = Path(ROOT / "daemon" / "status.py").read_text()
     assert src.count("add_get(") == 3
     assert src.count('add_post("/v1/files"') == 1
+    jobs_routes = Path(ROOT / "daemon" / "jobsapi.py").read_text()
+    assert jobs_routes.count("add_get(") == 2 and jobs_routes.count("add_post(") == 1
+    assert "{action:" + "|".join(actions) + "}" in jobs_routes
 
 
 def test_failed_reload_never_shows_a_url_password_or_a_token(running):
