@@ -106,53 +106,81 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}M"
 
 
+WIDTH = 80  # `alertd status` and `alertd jobs` fit a standard terminal
+
+
+def _wrap(parts: list[str]) -> list[str]:
+    """Join `parts` with two spaces into as few lines of at most WIDTH as they allow."""
+    lines = [""]
+    for part in (p[:WIDTH] for p in parts):
+        if lines[-1] and len(lines[-1]) + 2 + len(part) > WIDTH:
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]}  {part}" if lines[-1] else part
+    return lines
+
+
+def _n(v: int, width: int) -> str:
+    """A count in `width` columns: 1234567 -> 1.2M when it would not fit."""
+    s = str(v)
+    if len(s) <= width:
+        return s
+    for div, unit in ((1e3, "k"), (1e6, "M"), (1e9, "G")):
+        if v / div < 1000 or unit == "G":
+            s = f"{v / div:.1f}{unit}"
+            return s if len(s) <= width else f"{v / div:.0f}{unit}"
+    return s
+
+
 def render(doc: dict[str, Any]) -> str:
-    """The `alertd status` table: one line per job with a progress bar, then the workers."""
+    """The `alertd status` table: one line per job, then the workers, within WIDTH columns."""
     rate = doc["rate"]
     limit = f"{rate['limit']:g}/s" if rate["limit"] > 0 else "unlimited"
-    head = (f"alertd {doc.get('version', '')} pid {doc['pid']}  up "
-            f"{_dur(doc.get('now', time.time()) - doc['started_at'])}  "
-            f"{'DRAINING  ' if doc['draining'] else ''}delivering "
-            f"{doc.get('delivery_rate', 0):.0f}/s  limit {limit}")
+    parts = [f"alertd {doc.get('version', '')} pid {doc['pid']}",
+             f"up {_dur(doc.get('now', time.time()) - doc['started_at'])}"]
+    if doc["draining"]:
+        parts.append("DRAINING")
+    parts += [f"delivering {doc.get('delivery_rate', 0):.0f}/s", f"limit {limit}"]
     if rate["paused_for"] > 0:
-        head += f" (paused {rate['paused_for']:.1f}s: 429)"
+        parts.append(f"(paused {rate['paused_for']:.1f}s: 429)")
     br = doc.get("breaker", {})
     breaker = br.get("state", "closed")
-    head += f"  breaker {breaker.upper() if breaker != 'closed' else breaker}"
-    if breaker != "closed" and br.get("reason"):
-        head += f" ({br['reason']})"
-    lines = [head]
+    parts.append(f"breaker {breaker.upper() if breaker != 'closed' else breaker}"
+                 + (f" ({br['reason']})" if breaker != "closed" and br.get("reason") else ""))
+    lines = _wrap(parts)
     rl = doc["reload"]
     if rl["ok"] is not None:
         at = datetime.fromtimestamp(rl["at"]).strftime("%H:%M:%S")
         lines.append(f"last reload {'ok' if rl['ok'] else 'FAILED'} at {at}"
-                     + (f": {rl['error']}" if rl["error"] else "")
-                     + f"  ({rl.get('succeeded', 0)} ok, {rl.get('failed', 0)} failed)")
-    lines.append(f"{'JOB':8} {'FILE':20} {'PROGRESS':22} {'DONE':>5} {'ROWS':>9} "
-                 f"{'DELIVERED':>9} {'REJECTED':>8} {'DEAD':>6} {'RATE/s':>7} {'ETA':>7}")
+                     f"  ({rl.get('succeeded', 0)} ok, {rl.get('failed', 0)} failed)")
+        if rl["error"]:
+            lines.append(f"  {rl['error']}"[:WIDTH])
+    lines.append(f"{'JOB':8} {'FILE':13} {'STATE':8} {'DONE':>4} {'ROWS':>8} {'DELIVER':>8} "
+                 f"{'REJECT':>6} {'DEAD':>5} {'RATE/s':>6} {'ETA':>5}")
     for j in doc["jobs"]:
         frac = j.get("progress", j["bytes_done"] / j["bytes"] if j["bytes"] else 1.0)
         est = j.get("rows_estimate")
-        rows = f"{j['rows']}" if j.get("planned_all") and not j["chunks_in_flight"] \
-            else (f"~{est}" if est else "?")
-        lines.append(f"{j['job']:8} {j['file'][:20]:20} {_bar(frac)} {frac:>5.0%} {rows:>9} "
-                     f"{j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
-                     f"{j.get('rate', 0):>7.0f} {_dur(j.get('eta_s')):>7}"
-                     + (f"  FAILED: {j['failed']}" if j["failed"] else "")
-                     + (f"  {j['state'].upper()}" if j.get("state", "running") != "running"
-                        else ""))
+        rows = _n(j["rows"], 8) if j.get("planned_all") and not j["chunks_in_flight"] \
+            else ("~" + _n(est, 7) if est else "?")
+        state = "failed" if j["failed"] else j.get("state", "running")
+        lines.append(f"{j['job']:8} {j['file'][:13]:13} {state[:8]:8} {frac:>4.0%} {rows:>8} "
+                     f"{_n(j['delivered'], 8):>8} {_n(j['rejected'], 6):>6} "
+                     f"{_n(j['dead'], 5):>5} {_n(round(j.get('rate', 0)), 6):>6} "
+                     f"{_dur(j.get('eta_s'))[:5]:>5}")
+        if j["failed"]:
+            lines.append(f"         failed: {j['failed']}"[:WIDTH])
     if not doc["jobs"]:
         lines.append("(no job in progress)")
     lines.append("(job counts are as of each job's last acknowledged chunk)")
     lines.append(f"{'WORKER':6} {'PID':>7} {'RSS':>6} {'CPU':>5} {'IN FLIGHT':>9} "
-                 f"{'PENDING':>7} {'SENT':>10}")
+                 f"{'PENDING':>7} {'SENT':>8}")
     for w in doc["workers"]:
         cpu = "-" if w.get("cpu_percent") is None else f"{w['cpu_percent']:.0f}%"
-        lines.append(f"{w['index']:<6} {w['pid']:>7} {_mib(w.get('rss_bytes')):>6} {cpu:>5} "
-                     f"{w['in_flight']:>9} {w['pending']:>7} {w['sent']:>10}"
-                     + ("  retiring" if w["retiring"] else "")
-                     + ("" if w["ready"] else "  starting")
-                     + ("  WAL ERROR" if w["wal_error"] else ""))
+        flags = ",".join(f for f, on in (("retiring", w["retiring"]), ("starting", not w["ready"]),
+                                         ("WAL-ERROR", w["wal_error"])) if on)
+        lines.append((f"{w['index']:<6} {w['pid']:>7} {_mib(w.get('rss_bytes')):>6} {cpu:>5} "
+                      f"{_n(w['in_flight'], 9):>9} {_n(w['pending'], 7):>7} "
+                      f"{_n(w['sent'], 8):>8} {flags}").rstrip()[:WIDTH])
     return "\n".join(lines)
 
 
@@ -353,15 +381,16 @@ def dlq_list(cfg: Config, job: str | None = None) -> int:
 
 
 def render_jobs(jobs: list[dict[str, Any]]) -> str:
-    """The `alertd jobs` table: one line per job, active ones first."""
-    lines = [f"{'JOB':8} {'FILE':24} {'STATE':9} {'PRIORITY':8} {'ROWS':>9} {'DELIVERED':>9} "
-             f"{'REJECTED':>8} {'DEAD':>6} {'CANCELLED':>9} {'PROGRESS':>8}"]
+    """The `alertd jobs` table: one line per job, active ones first, within WIDTH columns."""
+    lines = [f"{'JOB':8} {'FILE':11} {'STATE':9} {'PRIO':6} {'ROWS':>8} {'DELIVER':>8} "
+             f"{'REJECT':>6} {'DEAD':>5} {'CANCEL':>6} {'DONE':>4}"]
     for j in jobs:
-        rows = f"{j['rows']}" if j["rows_final"] else f"{j['rows']}+"
-        lines.append(f"{j['job']:8} {j['file'][:24]:24} {j['state']:9} {j['priority']:8} "
-                     f"{rows:>9} {j['delivered']:>9} {j['rejected']:>8} {j['dead']:>6} "
-                     f"{j['cancelled']:>9} {j['progress']:>8.0%}"
-                     + (f"  {j['reason']}" if j.get("reason") else ""))
+        rows = _n(j["rows"], 8) if j["rows_final"] else _n(j["rows"], 7) + "+"
+        lines.append(f"{j['job']:8} {j['file'][:11]:11} {j['state']:9} {j['priority']:6} "
+                     f"{rows:>8} {_n(j['delivered'], 8):>8} {_n(j['rejected'], 6):>6} "
+                     f"{_n(j['dead'], 5):>5} {_n(j['cancelled'], 6):>6} {j['progress']:>4.0%}")
+        if j.get("reason"):
+            lines.append(f"         {j['reason']}"[:WIDTH])
     if not jobs:
         lines.append("(no jobs)")
     return "\n".join(lines)

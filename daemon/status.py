@@ -1,8 +1,9 @@
 """The status API (aiohttp): /v1/status, /metrics, /healthz, on a unix socket or loopback TCP.
 
-It only reads the snapshot the supervisor builds and adds what needs history
-(rates, ETA, monotonic counters) or the OS (RSS, CPU); it never changes state. It also
-serves intake.py's upload route (POST /v1/files, which does) under the same auth.
+/v1/status, /metrics and /healthz only read the snapshot the supervisor builds and add
+what needs history (rates, ETA, monotonic counters) or the OS (RSS, CPU). The listener
+also serves the routes that do change something, under the same auth: intake.py's upload
+(POST /v1/files) and jobsapi.py's job control (POST /v1/jobs/{job}/...).
 A TCP listener demands the configured bearer token for everything but /healthz.
 Each listener is bounded: MAX_CONNECTIONS at once, FIRST_REQUEST_TIMEOUT to send a
 request, KEEPALIVE_TIMEOUT idle between requests.

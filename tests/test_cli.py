@@ -141,3 +141,35 @@ def test_inline_secrets_in_a_world_readable_config_are_one_warning_line(tmp_path
     assert "cannot reach alertd" in unreachable and token not in r.stderr
     os.chmod(cfg, 0o640)
     assert alertd_cli("status", "--config", str(cfg)).stderr.count("warning") == 0
+
+
+def test_status_and_jobs_tables_fit_80_columns():
+    import time as _time
+
+    from alertd.commands import render, render_jobs
+    now = _time.time()
+    long = "a-file-name-far-longer-than-any-column-would-hold.csv"
+    doc = {"rate": {"limit": 20000, "paused_for": 3.2}, "version": "0.1.0", "pid": 4194304,
+           "now": now, "started_at": now - 86400 * 3, "draining": True, "delivery_rate": 123456,
+           "breaker": {"state": "open", "reason": "endpoint 127.0.0.1:9 unreachable: connection "
+                       "refused; breaker opened after 20 failures"},
+           "reload": {"ok": False, "at": now, "error": "config: [rate] limit must be >= 0, " * 3,
+                      "succeeded": 12, "failed": 3},
+           "jobs": [{"job": "j000042", "file": long, "bytes": 2 * 10**9, "bytes_done": 10**9,
+                     "progress": 0.5, "rows": 98_765_432, "planned_all": False,
+                     "chunks_in_flight": 2, "rows_estimate": 197_530_864, "delivered": 98_765_432,
+                     "rejected": 1_234_567, "dead": 765_432, "rate": 123456.7, "eta_s": 864000,
+                     "failed": "file ends at 5, before the planned span " * 3, "state": "paused"}],
+           "workers": [{"index": 63, "pid": 4194303, "rss_bytes": 2**34, "cpu_percent": 100.0,
+                        "in_flight": 4096, "pending": 16384, "sent": 12_345_678_901_234,
+                        "retiring": True, "ready": False, "wal_error": True}]}
+    out = render(doc)
+    assert max(map(len, out.splitlines())) <= 80, out
+    assert "98765432" in out and "paused" in out and "failed: file ends" in out
+    jobs = [{"job": "j000042", "file": long, "state": "cancelled", "priority": "normal",
+             "rows": 123_456_789, "rows_final": False, "delivered": 98_765_432,
+             "rejected": 1_234_567, "dead": 765_432, "cancelled": 24_691_357, "progress": 1.0,
+             "reason": "no 'user_id' column in header (columns: " + ", ".join(["c"] * 40) + ")"}]
+    out = render_jobs(jobs)
+    assert max(map(len, out.splitlines())) <= 80, out
+    assert "cancelled" in out and "no 'user_id' column" in out
