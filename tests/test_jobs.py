@@ -162,29 +162,6 @@ def test_rows_awaiting_a_retry_are_held_by_pause_and_ended_by_cancel(tmp_path, m
     assert v.returncode == 0, v.stdout
 
 
-def test_a_high_priority_job_overtakes_five_running_normal_ones(tmp_path, mock, alertd):
-    port = mock()
-    a = alertd(write_config(tmp_path / "alertd.toml", port, workers={"chunk_bytes": 16384}))
-    big = tmp_path / "big.csv"
-    generate(str(big), 40_000, seed=13)
-    for i in range(5):
-        a.drop_link(big, f"n{i}.csv")
-    poll(lambda: a.delivered_now() > 2_000, 60, "the normal jobs to be delivering")
-    a.drop_link(big, "hi.csv")  # as large as each normal job, and dropped after them
-    job = _job_of(a, "hi.csv")["job"]
-    r = a.cli("priority", job, "high")
-    assert r.returncode == 0 and "priority high" in r.stdout, r.stderr
-    ss = a.wait_summaries(6, timeout=180)
-    order = [s["file"] for s in sorted(ss, key=lambda s: _ts(s["finished_at"]))]
-    print(f"\npriority: finish order {order}")
-    assert order[0] == "hi.csv"
-    assert all(s["delivered"] == 40_000 for s in ss)
-    assert {s["file"]: s["priority"] for s in ss} == {"hi.csv": "high",
-                                                     **{f"n{i}.csv": "normal" for i in range(5)}}
-    assert a.cli("priority", job, "urgent").returncode == 2  # bad usage
-    assert a.cli("priority", job, "low").returncode == 1  # complete
-
-
 def _req(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
