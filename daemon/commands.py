@@ -157,21 +157,25 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"  {rl['error']}"[:WIDTH])
     lines.append(f"{'JOB':8} {'FILE':13} {'STATE':8} {'DONE':>4} {'ROWS':>8} {'DELIVER':>8} "
                  f"{'REJECT':>6} {'DEAD':>5} {'RATE/s':>6} {'ETA':>5}")
+    unacked = 0  # rows final in the workers but not yet durable (chunk not acknowledged)
     for j in doc["jobs"]:
         frac = j.get("progress", j["bytes_done"] / j["bytes"] if j["bytes"] else 1.0)
         est = j.get("rows_estimate")
         rows = _n(j["rows"], 8) if j.get("planned_all") and not j["chunks_in_flight"] \
             else ("~" + _n(est, 7) if est else "?")
         state = "failed" if j["failed"] else j.get("state", "running")
+        live = j.get("live", j)
+        unacked += max(0, live["rows"] - j["rows"])
         lines.append(f"{j['job']:8} {j['file'][:13]:13} {state[:8]:8} {frac:>4.0%} {rows:>8} "
-                     f"{_n(j['delivered'], 8):>8} {_n(j['rejected'], 6):>6} "
-                     f"{_n(j['dead'], 5):>5} {_n(round(j.get('rate', 0)), 6):>6} "
+                     f"{_n(live['delivered'], 8):>8} {_n(live['rejected'], 6):>6} "
+                     f"{_n(live['dead'], 5):>5} {_n(round(j.get('rate', 0)), 6):>6} "
                      f"{_dur(j.get('eta_s'))[:5]:>5}")
         if j["failed"]:
             lines.append(f"         failed: {j['failed']}"[:WIDTH])
     if not doc["jobs"]:
         lines.append("(no job in progress)")
-    lines.append("(job counts are as of each job's last acknowledged chunk)")
+    lines.append(f"(counts are live: {unacked:,} final rows not yet durable, chunk not acked)"
+                 if unacked else "(counts are live, and all durable: every chunk acked)")
     lines.append(f"{'WORKER':6} {'PID':>7} {'RSS':>6} {'CPU':>5} {'IN FLIGHT':>9} "
                  f"{'PENDING':>7} {'SENT':>8}")
     for w in doc["workers"]:

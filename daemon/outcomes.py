@@ -14,7 +14,7 @@ from multiprocessing.connection import Connection
 import orjson
 
 from . import wal
-from .protocol import Chunk, ChunkAck, Counts, Outcome
+from .protocol import Chunk, ChunkAck, Counts, Outcome, Progress
 from .sidelog import SideLog
 
 MAX_LINE_IN_REJECT = 1024  # bytes of a bad line kept in rejects/<job>.jsonl
@@ -42,6 +42,27 @@ class Recorder:
         self.wal = log
         self.side = side
         self.acks: set[asyncio.Task[None]] = set()
+        self.open: set[ChunkState] = set()  # chunks with counts not yet acked
+        self._reported: dict[str, tuple[int, ...]] = {}  # the last Progress sent
+
+    def unacked(self) -> dict[str, Counts]:
+        """Per job, the counts of this worker's chunks not yet acknowledged."""
+        out: dict[str, Counts] = {}
+        for cs in self.open:
+            c = out.get(cs.chunk.job)
+            if c is None:
+                c = out[cs.chunk.job] = Counts()
+            c.add(cs.counts)
+        return out
+
+    def report(self, force: bool = False) -> None:
+        """Send a Progress if the unacked counts changed since the last one (or `force`)."""
+        counts = self.unacked()
+        key = {job: (c.rows, c.delivered, c.rejected, c.dead, c.possible_duplicates,
+                     c.cancelled) for job, c in counts.items()}
+        if force or key != self._reported:
+            self._reported = key
+            self.conn.send(Progress(self.index, counts))
 
     def reject(self, cs: ChunkState, off: int, line: bytes, reason: str) -> None:
         job, now = cs.chunk.job, time.time()
@@ -52,6 +73,7 @@ class Recorder:
         self.wal.append(wal.encode_row(job, cs.chunk.seq, off, Outcome.REJECTED.value, 0, 0,
                                        False, "", now, reason))
         cs.counts.count(Outcome.REJECTED)
+        self.open.add(cs)
 
     def final(self, cs: ChunkState, off: int, uid: str, msg: str, attempts: int, dup: bool,
               outcome: Outcome, status: int, err: str | None,
@@ -68,12 +90,14 @@ class Recorder:
         self.wal.append(wal.encode_row(job, cs.chunk.seq, off, outcome.value, status, attempts,
                                        dup, uid, now, err))
         cs.counts.count(outcome, dup)
+        self.open.add(cs)
         cs.outstanding -= 1
         self.finish_if_done(cs)
 
     def finish_if_done(self, cs: ChunkState) -> None:
         if cs.parsed and cs.outstanding == 0 and not cs.finished:
             cs.finished = True
+            self.open.add(cs)  # a cancelled chunk may have only its prior counts
             c = cs.chunk
             self.wal.append(wal.encode_chunk(c.job, c.seq, c.end, cs.counts, time.time()))
             t = asyncio.get_running_loop().create_task(self._ack(cs))
@@ -85,3 +109,6 @@ class Recorder:
         await self.side.sync()
         await self.wal.sync()
         self.conn.send(ChunkAck(self.index, cs.chunk.job, cs.chunk.seq, cs.counts))
+        # Those counts are durable now: replace the live report in the same turn, ack first.
+        self.open.discard(cs)
+        self.report(force=True)

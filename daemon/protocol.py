@@ -111,6 +111,17 @@ class ChunkAck:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """Worker -> supervisor, about twice a second when it changed: per job, the outcomes of
+    rows final in this worker's chunks not yet acknowledged (not yet durable). Each one
+    replaces the worker's previous report; one follows every ChunkAck at once, so an acked
+    chunk is never counted both as durable and as live."""
+
+    worker: int
+    counts: dict[str, Counts]
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkFailed:
     """The chunk's file could not be read (truncated, deleted): its job fails with the reason."""
 

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import hmac
 import logging
+import math
 import os
 import socket
 import stat
@@ -36,7 +37,12 @@ from .intake import Intake
 log = logging.getLogger("alertd.status")
 
 SAMPLE_EVERY = 1.0  # seconds between background samples (rates, counters)
-RATE_WINDOW = 10.0  # rates are averaged over this many seconds: acks arrive per chunk
+RATE_WINDOW = 10.0  # the daemon-wide delivery rate is averaged over this many seconds
+# A job's rate is an exponentially weighted moving average of its live delivered count per
+# second, with this time constant: smooth enough that the ETA does not jump with each
+# worker report (twice a second) or chunk ack, quick enough to follow a new rate limit.
+RATE_TAU = 8.0
+RATE_STEP = 0.9  # seconds at least between two updates of a job's average
 
 
 class Sampler:
@@ -52,6 +58,8 @@ class Sampler:
         self._finished: dict[str, dict[str, int]] = {}  # job -> final counts, seen once
         self._finished_order: deque[str] = deque()
         self._retired = dict.fromkeys(metrics.OUTCOMES, 0)  # counts of ids dropped from above
+        # job -> [time of the last update, live delivered then, average rate or None]
+        self._ewma: dict[str, list[Any]] = {}
 
     def observe(self, doc: dict[str, Any]) -> None:
         """Fold one raw snapshot into the history (cheap; called every second)."""
@@ -73,9 +81,39 @@ class Sampler:
             for k in metrics.OUTCOMES:
                 self._retired[k] += counts[k]
         jobs = {j["job"]: (j["delivered"], j["bytes_done"]) for j in doc["jobs"]}
+        self._average(now, doc["jobs"])
         self._hist.append((now, jobs, self.total_delivered_live()))
         while len(self._hist) > 2 and now - self._hist[0][0] > RATE_WINDOW:
             self._hist.popleft()
+
+    def _average(self, now: float, jobs: list[dict[str, Any]]) -> None:
+        seen = set()
+        for j in jobs:
+            seen.add(j["job"])
+            delivered = j.get("live", j)["delivered"]
+            e = self._ewma.get(j["job"])
+            if e is None:
+                self._ewma[j["job"]] = [now, delivered, None]
+                continue
+            dt = now - e[0]
+            if dt < RATE_STEP:  # a /v1/status request between two samples
+                continue
+            inst = max(0.0, (delivered - e[1]) / dt)
+            if e[2] is None:
+                # Start from the first interval that delivered something, not from 0: the
+                # ETA would otherwise start far too long and fall for a time constant.
+                e[2] = inst if inst > 0 else None
+            else:
+                alpha = 1.0 - math.exp(-dt / RATE_TAU)
+                e[2] += alpha * (inst - e[2])
+            e[0], e[1] = now, delivered
+        for job in [k for k in self._ewma if k not in seen]:
+            del self._ewma[job]
+
+    def rate(self, job: str) -> float:
+        """A job's delivered rows per second: the moving average (0.0 before there is one)."""
+        e = self._ewma.get(job)
+        return e[2] if e is not None and e[2] is not None else 0.0
 
     def total_sent(self) -> int:
         return self._gone_sent + sum(s for s, _ in self._live.values())
@@ -103,23 +141,28 @@ class Sampler:
         span = now - first[0] if first else 0.0
         for j in doc["jobs"]:
             then = first[1].get(j["job"]) if first else None
-            rate = brate = 0.0
+            brate = 0.0
             if then is not None and span >= 0.5:
-                rate = max(0.0, (j["delivered"] - then[0]) / span)
                 brate = max(0.0, (j["bytes_done"] - then[1]) / span)
+            rate = self.rate(j["job"])
             j["rate"] = round(rate, 1)
             data = max(0, j["bytes"] - j.get("data_start", 0))
             done = j["bytes_done"]
-            left = max(0, data - done)
-            if j["failed"]:
-                j["eta_s"] = None
-            else:
-                j["eta_s"] = round(left / brate, 1) if brate > 0 else (0.0 if left == 0 else None)
+            live = j.setdefault("live", {k: j[k] for k in metrics.OUTCOMES + ("rows",)})
             # Rows are counted as chunks are acked; extrapolate the total from the bytes.
             j["rows_estimate"] = (j["rows"] if j["planned_all"] and not j["chunks_in_flight"]
                                   else int(j["rows"] * data / done) if done else None)
-            j["pending"] = (max(0, j["rows_estimate"] - j["rows"])
+            # Pending counts the rows final but not yet acked as done: the ETA is what is
+            # left over the rate the job gets now.
+            j["pending"] = (max(0, j["rows_estimate"] - live["rows"])
                             if j["rows_estimate"] is not None else None)
+            if j["failed"]:
+                j["eta_s"] = None
+            elif j["pending"] is not None and rate > 0:
+                j["eta_s"] = round(j["pending"] / rate, 1)
+            else:  # no ack yet (no row estimate) or no rate yet: from the acked bytes, if any
+                left = max(0, data - done)
+                j["eta_s"] = round(left / brate, 1) if brate > 0 else (0.0 if left == 0 else None)
             j["progress"] = round(done / data, 4) if data else 1.0
         live = self.total_delivered_live()
         doc["delivery_rate"] = round(max(0.0, (live - first[2]) / span), 1) \

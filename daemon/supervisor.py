@@ -26,7 +26,18 @@ from .dispatch import Dispatcher, NoSuchJob, NotAllowed
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
 from .intake import Intake
 from .jobs import Job, JobStore
-from .protocol import JOB_ACTIONS, Chunk, ChunkAck, ChunkFailed, Drain, JobControl, Ready, Reload
+from .protocol import (
+    JOB_ACTIONS,
+    Chunk,
+    ChunkAck,
+    ChunkFailed,
+    Counts,
+    Drain,
+    JobControl,
+    Progress,
+    Ready,
+    Reload,
+)
 from .retention import Retention
 from .shm import MAX_WORKERS, Shared
 from .signals import Control
@@ -50,6 +61,8 @@ class WorkerHandle:
     chunks: dict[tuple[str, int], Chunk] = field(default_factory=dict)
     ready: bool = False
     retiring: bool = False
+    # Its latest Progress: per job, outcomes final in chunks not yet acked (not durable).
+    progress: dict[str, Counts] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -291,7 +304,9 @@ class Supervisor:
             asyncio.get_running_loop().remove_reader(w.conn.fileno())
 
     def _handle_msg(self, w: WorkerHandle, msg: object) -> None:
-        if isinstance(msg, ChunkAck):
+        if isinstance(msg, Progress):
+            w.progress = msg.counts
+        elif isinstance(msg, ChunkAck):
             w.chunks.pop((msg.job, msg.seq), None)
             self.dispatch.ack(msg.job, msg.seq, msg.counts)
             self._pump()
@@ -439,7 +454,7 @@ class Supervisor:
         return {"pid": os.getpid(), "started_at": self.started_at, "draining": self.draining,
                 "config": str(self.cfg.source) if self.cfg.source else None,
                 "generation": self.generation,
-                "jobs": self.dispatch.snapshot(), "finished": self.dispatch.finished,
+                "jobs": self._jobs_live(), "finished": self.dispatch.finished,
                 "workers": workers,
                 "rate": {"limit": st.rate, "configured_limit": self.cfg.rate.limit,
                          "burst": st.burst, "adaptive": self.cfg.rate.adaptive,
@@ -447,6 +462,19 @@ class Supervisor:
                 "breaker": {**Breaker(self.shared).describe(),
                             "probe_in": max(0.0, st.breaker_until - now) if st.breaker_state else 0.0},
                 "reload": {**self.last_reload, **self.reload_counts}}
+
+    def _jobs_live(self) -> list[dict[str, Any]]:
+        """The dispatcher's jobs (counts as of acked chunks: durable), each with `live`:
+        those plus what the workers last reported as final but not yet acked."""
+        jobs = self.dispatch.snapshot()
+        for j in jobs:
+            live = Counts(**{k: j[k] for k in Counts.__slots__})
+            for w in self.workers.values():
+                c = w.progress.get(j["job"])
+                if c is not None:
+                    live.add(c)
+            j["live"] = live.as_dict()
+        return jobs
 
     def _reload_done(self, ok: bool, error: str | None = None) -> None:
         self.last_reload = {"ok": ok, "at": time.time(), "error": error}

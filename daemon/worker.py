@@ -34,6 +34,7 @@ from .transport import Pool, TransportError, webhook_tls
 
 log = logging.getLogger("alertd.worker")
 
+PROGRESS_TICKS = 5  # heartbeat ticks (0.1 s) between live-count reports to the supervisor
 RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock, not 64)
 
 
@@ -255,6 +256,8 @@ class Worker:
             slot.in_flight = self.pool.in_flight
             self.slot.wal_error = 1 if self.wal.error else 0
             self._flush_results()
+            if ticks % PROGRESS_TICKS == 0:
+                self.outcomes.report()
             await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------ choosing work
@@ -385,6 +388,8 @@ class Worker:
             self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
             return None
         cs = ChunkState(chunk, rows)
+        if chunk.done:  # recovered rows count as live until the chunk is acked
+            self.outcomes.open.add(cs)
         self._cur = cs
         return cs
 
