@@ -174,7 +174,7 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"         failed: {j['failed']}"[:WIDTH])
     if not doc["jobs"]:
         lines.append("(no job in progress)")
-    lines.append(f"(counts are live: {unacked:,} final rows not yet durable, chunk not acked)"
+    lines.append(f"(counts are live: {unacked:,} rows final, not yet durable: chunk unacked)"[:WIDTH]
                  if unacked else "(counts are live, and all durable: every chunk acked)")
     lines.append(f"{'WORKER':6} {'PID':>7} {'RSS':>6} {'CPU':>5} {'IN FLIGHT':>9} "
                  f"{'PENDING':>7} {'SENT':>8}")

@@ -173,3 +173,27 @@ def test_status_and_jobs_tables_fit_80_columns():
     out = render_jobs(jobs)
     assert max(map(len, out.splitlines())) <= 80, out
     assert "cancelled" in out and "no 'user_id' column" in out
+
+
+def test_status_shows_live_counts_and_says_how_many_are_not_durable() -> None:
+    import time as _time
+
+    from alertd.commands import render
+    now = _time.time()
+    job = {"job": "j000007", "file": "a.csv", "bytes": 10**12, "bytes_done": 10**6,
+           "progress": 0.0, "rows": 49_936, "planned_all": False, "chunks_in_flight": 2,
+           "rows_estimate": 10**11, "delivered": 49_936, "rejected": 0, "dead": 0,
+           "live": {"rows": 60_701, "delivered": 60_690, "rejected": 11, "dead": 0,
+                    "cancelled": 0, "possible_duplicates": 0},
+           "rate": 3000.0, "eta_s": 33.0, "failed": None, "state": "running"}
+    doc = {"rate": {"limit": 3000, "paused_for": 0}, "version": "0.1.0", "pid": 1,
+           "now": now, "started_at": now - 60, "draining": False, "delivery_rate": 3000,
+           "breaker": {"state": "closed"}, "reload": {"ok": None},
+           "jobs": [job], "workers": []}
+    out = render(doc)
+    assert "60690" in out and "49936" not in out, out
+    assert "10,765 rows final, not yet durable" in out, out
+    job["live"] = {**job["live"], "rows": 10**15}
+    assert max(map(len, render(doc).splitlines())) <= 80
+    job["live"] = {"rows": 49_936, "delivered": 49_936, "rejected": 0, "dead": 0}
+    assert "all durable" in render(doc)
