@@ -58,7 +58,8 @@ class Sampler:
         self._finished: dict[str, dict[str, int]] = {}  # job -> final counts, seen once
         self._finished_order: deque[str] = deque()
         self._retired = dict.fromkeys(metrics.OUTCOMES, 0)  # counts of ids dropped from above
-        # job -> [time of the last update, live delivered then, average rate or None]
+        # job -> [time of the last update, live delivered then, average rate or None,
+        # updates averaged]
         self._ewma: dict[str, list[Any]] = {}
 
     def observe(self, doc: dict[str, Any]) -> None:
@@ -93,7 +94,7 @@ class Sampler:
             delivered = j.get("live", j)["delivered"]
             e = self._ewma.get(j["job"])
             if e is None:
-                self._ewma[j["job"]] = [now, delivered, None]
+                self._ewma[j["job"]] = [now, delivered, None, 0]
                 continue
             dt = now - e[0]
             if dt < RATE_STEP:  # a /v1/status request between two samples
@@ -102,9 +103,13 @@ class Sampler:
             if e[2] is None:
                 # Start from the first interval that delivered something, not from 0: the
                 # ETA would otherwise start far too long and fall for a time constant.
-                e[2] = inst if inst > 0 else None
+                if inst > 0:
+                    e[2], e[3] = inst, 1
             else:
-                alpha = 1.0 - math.exp(-dt / RATE_TAU)
+                # The plain mean of the first updates, then the time constant: the first
+                # interval (the job starting up) weighs no more than the others.
+                e[3] += 1
+                alpha = max(1.0 - math.exp(-dt / RATE_TAU), 1.0 / e[3])
                 e[2] += alpha * (inst - e[2])
             e[0], e[1] = now, delivered
         for job in [k for k in self._ewma if k not in seen]:
