@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "status", "show jobs, workers, rate limiter, breaker, last reload",
              "Ask the running daemon's status API ([status] listen) and print a table:\n"
-             "a progress bar, counts, rate and ETA per job, then RSS, CPU and requests\n"
+             "state, progress, counts, rate and ETA per job, then RSS, CPU and requests\n"
              "in flight per worker. Job counts are live (about twice a second from the\n"
              "workers); the footnote says how many are not yet durable (chunk not acked).")
     p.add_argument("--json", action="store_true", help="print the /v1/status JSON document")

@@ -88,11 +88,6 @@ def ready(cfg: Config) -> bool:
     return len(ws) == cfg.workers.count and all(w["ready"] for w in ws)
 
 
-def _bar(frac: float, width: int = 20) -> str:
-    n = max(0, min(width, int(frac * width + 0.5)))
-    return "[" + "#" * n + "." * (width - n) + "]"
-
-
 def _dur(s: float | None) -> str:
     if s is None:
         return "-"

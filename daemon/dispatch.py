@@ -98,7 +98,9 @@ class Dispatcher:
             return "cancelled"
         if job_id in self.paused:
             return "paused"
-        return "queued" if any(job_id in q for q in self._queued.values()) else "running"
+        # The rings hold at most MAX_RUNNING ids, the queues maybe thousands: ask the rings,
+        # or a status snapshot of every job costs the square of the jobs queued.
+        return "running" if any(job_id in r for r in self._running.values()) else "queued"
 
     def _promote(self) -> None:
         """Open the plans of queued jobs, higher priority first, while slots are free."""
