@@ -26,7 +26,7 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 EXIT_CODES = """exit codes:
   0  ok
   1  a failure was found (verify: rows without exactly one final outcome;
-     dlq replay: dead letters still failing; run: another alertd holds the
+     dlq replay: dead letters failed again; run: another alertd holds the
      state directory)
   2  bad command line or configuration (nothing started; stderr names the key)
   3  the daemon's status API cannot be reached"""
@@ -129,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "dlq", "dead letters: list them, or replay them with their original ids",
              "list: the dead-letter files (dlq/<job>.jsonl) with their line counts.\n"
-             "replay: resend the dead letters of a finished job (or of every finished job)\n"
-             "with their original webhook-id, using the config's webhook, secrets, rate and\n"
-             "retries; delivered ones leave the DLQ, each result is a WAL record.\n"
-             "Exit 1 if any dead letter still fails.")
+             "replay: ask the running daemon to replay the dead letters of a finished job\n"
+             "(or of every finished job) as a job of kind `replay`: the same workers, rate\n"
+             "budget, retries, breaker and WAL as any job, pause and cancel included, with\n"
+             "each alert's original webhook-id. The letters leave the DLQ; those that fail\n"
+             "again go back to it. Prints progress until the replay ends; Ctrl-C only\n"
+             "detaches (exit 130: the replay goes on), and running it again attaches to it.\n"
+             "What the replay delivers counts as delivered in the original job's summary\n"
+             "(`replayed` says how many). Exit 1 if any letter failed again or was not sent.")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("job", nargs="?", help="only this job")
 
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "verify":
             return commands.verify(cfg, args.job)
         if args.cmd == "dlq" and args.action == "replay":
-            return _replay(cfg, args.job)
+            from .dlqcmd import replay
+            return replay(cfg, args.job)
         if args.cmd == "dlq":
             return commands.dlq_list(cfg, args.job)
         if args.cmd == "jobs":
@@ -257,17 +262,6 @@ def _run(cfg: config.Config, args: argparse.Namespace) -> int:
         prepared.undo()
         print(f"alertd: {e}", file=sys.stderr)
         return EXIT_CONFIG
-
-
-def _replay(cfg: config.Config, job: str | None) -> int:
-    from .replay import replay
-
-    failed = 0
-    for r in replay(cfg, job):
-        print(f"{r.job}: replayed {r.delivered + r.failed}, delivered {r.delivered}, "
-              f"still failing {r.failed}")
-        failed += r.failed
-    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def console() -> None:

@@ -279,8 +279,30 @@ def tail(cfg: Config, follow: bool = False, lines: int = 20, as_json: bool = Fal
 # ------------------------------------------------------------------ verify
 
 
+def _failed_reason(sd: Path, job: str) -> str | None:
+    """Why `job` failed, if it did: its summary's reason, or failed/<job>--*.reason for a
+    file that failed at claim (it never had a summary)."""
+    try:
+        doc = orjson.loads((sd / "done" / f"{job}.summary.json").read_bytes())
+        if isinstance(doc, dict) and doc.get("status") == "failed":
+            return str(doc.get("reason") or "unknown reason")
+    except (OSError, orjson.JSONDecodeError):
+        pass
+    for p in sorted((sd / "failed").glob(f"{job}--*.reason")):
+        try:
+            return p.read_text(errors="replace").partition("\n")[0] or "unknown reason"
+        except OSError:
+            continue
+    return None
+
+
 def _find_job(cfg: Config, job: str) -> tuple[Path, dict[str, Any]]:
     sd = cfg.state_dir
+    reason = _failed_reason(sd, job)
+    if reason is not None:
+        raise AlertdError(f"verify: {job} failed: {reason}; its file is in {sd}/failed, and "
+                          f"rows without an outcome were never sent (fix the file and drop it "
+                          f"again as a new job)")
     for d in (sd / "done", sd / "spool"):
         mpath = d / (f"{job}.manifest.json" if d.name == "done" else f"{job}.json")
         if mpath.exists():

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import wal
+from . import replay, wal
 from .config import CsvConfig
 from .errors import InputError
 from .jobs import FINISHED_LISTED, Job, JobStore, count_rows, partial_counts, reason_of
@@ -283,12 +283,20 @@ class Dispatcher:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # unit tests drive the dispatcher without a loop
-                self._close_cancelled(job, count_rows(job.spool, job.data_start))
+                self._close_cancelled(job, self._settle_cancelled(job))
                 return
-            fut = loop.run_in_executor(None, count_rows, job.spool, job.data_start)
+            fut = loop.run_in_executor(None, self._settle_cancelled, job)
             fut.add_done_callback(lambda f: self._counted(job, f))
             return
         self._finish(job)
+
+    def _settle_cancelled(self, job: Job) -> int:
+        """The rows of a cancelled job (blocking); a cancelled replay first puts the letters
+        it never sent back into the DLQ they came from."""
+        if job.kind == "replay":
+            n = replay.return_unsent(self.store.state_dir, job)
+            log.info("%s: %d unsent dead letters back in dlq/%s.jsonl", job.id, n, job.replay_of)
+        return count_rows(job.spool, job.data_start)
 
     def _counted(self, job: Job, fut: asyncio.Future[int]) -> None:
         try:
@@ -306,6 +314,8 @@ class Dispatcher:
     def _finish(self, job: Job) -> None:
         del self.jobs[job.id]
         job.priority = self.priority.pop(job.id, job.priority)
+        if job.kind == "replay":  # before its own summary: a crash in between credits it again
+            replay.credit(self.store, job)
         summary = self.store.finalize(job)
         self._promote()
         self.finished = (self.finished + [summary])[-FINISHED_KEPT:]
@@ -332,5 +342,10 @@ class Dispatcher:
                         "planned_all": job.planned_all, "chunks_done": job.chunks_done,
                         "chunks_in_flight": len(job.outstanding), **job.counts.as_dict(),
                         "failed": job.failed, "state": self.state(job.id),
-                        "priority": self.priority[job.id]})
+                        "priority": self.priority[job.id], "kind": job.kind,
+                        "replay_of": job.replay_of})
         return out
+
+    def replaying(self, of: str) -> Job | None:
+        """The active replay job of `of`'s dead letters, if there is one."""
+        return next((j for j in self.jobs.values() if j.replay_of == of), None)

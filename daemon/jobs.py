@@ -116,6 +116,8 @@ class Job:
     failed: str | None = None
     cancelled: bool = False  # no further row is handed out; the rest end as `cancelled`
     priority: str = "normal"  # as the dispatcher last had it: kept in the summary
+    kind: str = "file"  # or "replay": the rows are the dead letters of job `replay_of`
+    replay_of: str | None = None
     control: dict = field(default_factory=dict)  # spool/<job>.control.json as loaded at start
     outstanding: dict[int, int] = field(default_factory=dict)  # seq -> bytes, handed out, not acked
     bytes_done: int = 0  # bytes of chunks whose every row is final
@@ -243,7 +245,9 @@ class Job:
                            "max_id_length": lay.max_id_length,
                            "max_line_bytes": lay.max_line_bytes,
                            "data_columns": [list(c) for c in lay.data_columns],
-                           "data_rest": lay.data_rest}}
+                           "data_rest": lay.data_rest, "letters": lay.letters},
+                **({"kind": self.kind, "replay_of": self.replay_of}
+                   if self.kind != "file" else {})}
 
 
 def count_rows(path: Path, data_start: int) -> int:
@@ -454,7 +458,22 @@ class JobStore:
             if job is not None:
                 jobs.append(job)
         self._claiming = {}
+        self._drop_orphan_manifests()
         return jobs
+
+    def _drop_orphan_manifests(self) -> None:
+        """A replay that crashed before its letters moved left a manifest without a spool
+        file; the letters are still in the DLQ, so the manifest goes."""
+        spooled = {e.split("--", 1)[0] for e in os.listdir(self.spool) if "--" in e}
+        for entry in os.listdir(self.spool):
+            m = re.match(r"^(j\d{6,})\.json$", entry)
+            if m and m.group(1) not in spooled:
+                try:
+                    doc = orjson.loads((self.spool / entry).read_bytes())
+                except (OSError, orjson.JSONDecodeError):
+                    continue
+                if isinstance(doc, dict) and doc.get("kind") == "replay":
+                    (self.spool / entry).unlink(missing_ok=True)
 
     def _load_one(self, job_id: str, spool: Path, csv: CsvConfig, chunk_bytes: int) -> Job | None:
         mpath = self.spool / f"{job_id}.json"
@@ -491,8 +510,9 @@ class JobStore:
                              lay.get("max_line_bytes", 0),  # 0: planned before the bound
                              # absent: claimed before data_columns, sent without fields
                              tuple((n, i) for n, i in lay.get("data_columns", ())),
-                             lay.get("data_rest", False)),
-                   doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"])
+                             lay.get("data_rest", False), lay.get("letters", False)),
+                   doc["chunk_bytes"], doc["data_start"], doc["started_at"], doc["size"],
+                   kind=doc.get("kind", "file"), replay_of=doc.get("replay_of"))
 
     def finalize(self, job: Job) -> dict:
         """Write the summary, move the file to done/, drop the manifest (in that order,
@@ -504,6 +524,8 @@ class JobStore:
                    "duration_s": round(now - job.started_at, 3), "bytes": job.size,
                    "status": "failed" if job.failed else
                    "cancelled" if job.cancelled else "complete", "priority": job.priority}
+        if job.kind != "file":
+            summary.update(kind=job.kind, replay_of=job.replay_of)
         if job.failed:
             summary["reason"] = job.failed
         write_atomic(self.done / f"{job.id}.summary.json",

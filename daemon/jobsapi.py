@@ -1,5 +1,5 @@
 """The job control routes of the status API: GET /v1/jobs[/{job}], POST
-/v1/jobs/{job}/pause|resume|cancel|priority.
+/v1/jobs/{job}/pause|resume|cancel|priority, POST /v1/dlq/replay.
 
 Served on the status listener (same auth). Reads job views from the dispatcher and asks
 the supervisor to apply an action; it never changes a job itself. Unknown job 404, an
@@ -24,6 +24,8 @@ class Controller(Protocol):
     async def control_job(self, job_id: str, action: str,
                           priority: str | None = None) -> None: ...
 
+    async def replay(self, of: str | None) -> list[tuple[str, bool]]: ...
+
 
 def view(d: Dispatcher, found: Job | dict[str, Any]) -> dict[str, Any]:
     """One job as /v1/jobs and `alertd jobs` show it (active, or a finished summary)."""
@@ -35,7 +37,8 @@ def view(d: Dispatcher, found: Job | dict[str, Any]) -> dict[str, Any]:
                 "dead": s["dead"], "cancelled": s.get("cancelled", 0),
                 "possible_duplicates": s.get("possible_duplicates", 0), "progress": 1.0,
                 "reason": s.get("reason"), "started_at": s.get("started_at"),
-                "finished_at": s.get("finished_at")}
+                "finished_at": s.get("finished_at"), "kind": s.get("kind", "file"),
+                "replay_of": s.get("replay_of"), "replayed": s.get("replayed", 0)}
     j = found
     c = j.counts
     data = max(0, j.size - j.data_start)
@@ -44,7 +47,8 @@ def view(d: Dispatcher, found: Job | dict[str, Any]) -> dict[str, Any]:
             "rejected": c.rejected, "dead": c.dead, "cancelled": c.cancelled,
             "possible_duplicates": c.possible_duplicates,
             "progress": round(j.bytes_done / data, 4) if data else 1.0, "reason": j.failed,
-            "started_at": iso(j.started_at), "finished_at": None}
+            "started_at": iso(j.started_at), "finished_at": None, "kind": j.kind,
+            "replay_of": j.replay_of, "replayed": 0}
 
 
 def listing(d: Dispatcher) -> list[dict[str, Any]]:
@@ -95,7 +99,31 @@ def add_routes(app: web.Application, ctl: Controller) -> None:
         return web.json_response(view(ctl.dispatch, ctl.dispatch.find(job_id) or {}),
                                  dumps=_dumps)
 
+    async def start_replay(request: web.Request) -> web.Response:
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            return _error(400, f"body larger than {MAX_BODY} bytes")
+        try:
+            body = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError:
+            body = None
+        of = body.get("job") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or set(body) - {"job"} or \
+                not (of is None or isinstance(of, str)):
+            return _error(400, 'body must be empty or JSON: {"job": "j000042"}')
+        try:
+            started = await ctl.replay(of)
+        except NoSuchJob as e:
+            return _error(404, str(e))
+        except NotAllowed as e:
+            return _error(409, str(e))
+        jobs = [dict(view(ctl.dispatch, found), started=new) for r, new in started
+                if (found := ctl.dispatch.find(r)) is not None]
+        return web.json_response({"jobs": jobs}, dumps=_dumps,
+                                 status=201 if any(new for _, new in started) else 200)
+
     app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_post("/v1/dlq/replay", start_replay)
     app.router.add_get("/v1/jobs/{job}", get_job)
     app.router.add_post("/v1/jobs/{job}/{action:pause|resume|cancel|priority}", act)
 

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 OUTCOMES = ("delivered", "rejected", "dead", "cancelled", "possible_duplicates")
+JOB_STATES = ("queued", "running", "paused", "complete", "cancelled", "failed")
 BREAKER = {"closed": 0, "open": 1}  # while open, probes go out: no separate half-open state
 
 Samples = list[tuple[dict[str, object], "float | int | None"]]
@@ -47,6 +48,10 @@ def render(doc: dict[str, Any]) -> str:
              "Rows with a final outcome in jobs handled since start (active jobs: as of "
              "their last acknowledged chunk).",
              [({"outcome": k}, t[k]) for k in ("delivered", "rejected", "dead", "cancelled")])
+    o.family("alertd_rows_replayed_total", "counter",
+             "Dead letters delivered by replay jobs (also counted in "
+             "alertd_rows_total{outcome=\"delivered\"}, and under dead when they first failed).",
+             [({}, t.get("replayed", 0))])
     o.family("alertd_possible_duplicates_total", "counter",
              "Delivered rows whose request may have reached the endpoint more than once.",
              [({}, t["possible_duplicates"])])
@@ -95,6 +100,14 @@ def render(doc: dict[str, Any]) -> str:
              [({}, None if rl["ok"] is None else int(rl["ok"]))])
     jobs = doc["jobs"]
     o.family("alertd_jobs_active", "gauge", "Jobs claimed and not final.", [({}, len(jobs))])
+    states = dict.fromkeys(JOB_STATES, 0)
+    for j in jobs:
+        states[j.get("state", "running")] = states.get(j.get("state", "running"), 0) + 1
+    for s in doc.get("finished", []):
+        states[s.get("status", "complete")] = states.get(s.get("status", "complete"), 0) + 1
+    o.family("alertd_jobs", "gauge",
+             "Jobs by state: the active ones, and those finished since start that status "
+             "still lists.", [({"state": k}, v) for k, v in states.items()])
     o.family("alertd_job_progress_ratio", "gauge", "Share of an active job's bytes done.",
              [({"job": j["job"]}, j["progress"]) for j in jobs])
     o.family("alertd_draining", "gauge", "1 while stopping.", [({}, int(doc["draining"]))])

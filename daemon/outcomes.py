@@ -13,7 +13,8 @@ from multiprocessing.connection import Connection
 
 import orjson
 
-from . import wal
+from . import letters, wal
+from .letters import Letter
 from .protocol import Chunk, ChunkAck, Counts, Outcome, Progress
 from .sidelog import SideLog
 
@@ -77,16 +78,19 @@ class Recorder:
 
     def final(self, cs: ChunkState, off: int, uid: str, msg: str, attempts: int, dup: bool,
               outcome: Outcome, status: int, err: str | None,
-              fields: dict[str, str] | None = None) -> None:
-        """The row at `off` ends as `outcome` (delivered or dead)."""
+              fields: dict[str, str] | None = None, letter: Letter | None = None) -> None:
+        """The row at `off` ends as `outcome` (delivered or dead). A replayed `letter`
+        that fails again goes back to the DLQ of its own job, with its id and offset."""
         job, now = cs.chunk.job, time.time()
         if outcome is Outcome.DEAD:
-            entry = {"id": f"{job}:{off}", "job": job, "offset": off, "user_id": uid,
-                     "message": msg, "file": cs.chunk.name, "attempts": attempts,
-                     "status": status, "error": err, "ts": now}
-            if fields is not None:  # a replay sends the same body as the first attempts
-                entry["fields"] = fields
-            self.side.write("dlq", job, orjson.dumps(entry) + b"\n")
+            if letter is None:
+                line = letters.entry(job, off, uid, msg, cs.chunk.name, attempts, status, err,
+                                     now, fields)
+            else:
+                line = letters.entry(letter.job, letter.offset, uid, msg, letter.file,
+                                     letter.attempts + attempts, status, err, now, fields,
+                                     letter.id)
+            self.side.write("dlq", letter.job if letter else job, line)
         self.wal.append(wal.encode_row(job, cs.chunk.seq, off, outcome.value, status, attempts,
                                        dup, uid, now, err))
         cs.counts.count(outcome, dup)

@@ -76,6 +76,8 @@ class CsvLayout:
     # No header and data_columns = ["*"]: every column of each row but the id and message
     # ones, named by its number (rows may differ in length: the count is not checked).
     data_rest: bool = False
+    # The rows are dead letters (letters.py), not CSV: the layout of a replay job.
+    letters: bool = False
     # Whether rows carry data.fields: derived, so the worker tests one attribute per row.
     has_fields: bool = field(init=False, repr=False, compare=False)
 

@@ -1,170 +1,113 @@
-"""`alertd dlq replay`: resend dead letters of finished jobs with their original ids.
+"""Replay as a job: the dead letters of a finished job become the rows of a job of kind
+`replay`, delivered by the same workers, budget, breaker and WAL as any other.
 
-Runs in the CLI process with the configured webhook, rate, retries and secrets.
-Each replayed alert gets a `replayed` or `replay-failed` WAL record (never a
-second final outcome, so `verify` still holds); delivered lines leave the DLQ.
+The letters leave dlq/<job>.jsonl by one rename into the spool (the replay job's source
+file); a letter that fails again is written back to dlq/<job>.jsonl by the worker with its
+first id; one never sent (a cancelled replay) is put back when the replay ends. What the
+replay delivered is credited to the original job's summary (delivered, dead, replayed),
+once per replay job, before the replay's own summary is written, so a crash in between
+credits it on the next start and never twice. Blocking file work: run it in a thread.
 """
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
 import os
-import stat
+import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from . import policy, ratelimit, wal
-from .config import Config
-from .errors import AlertdError
-from .payload import Payloads
-from .policy import Action
-from .shm import Shared
-from .transport import Pool, TransportError, webhook_tls
+from . import chunker, wal
+from .jobs import Job, JobStore, open_regular, write_atomic
+from .letters import MAX_LETTER_BYTES
+from .protocol import CsvLayout
 
-REPLAY_WAL = 999  # the WAL index of replays: wal/worker-999.wal
+LAYOUT = CsvLayout(ncols=0, max_line_bytes=MAX_LETTER_BYTES, letters=True)
+_JOB = re.compile(r"^j\d{6,}\Z")
 
 
-@dataclass
-class Result:
-    job: str
-    delivered: int = 0
-    failed: int = 0
+def dlq_file(state_dir: Path, job: str) -> Path:
+    return state_dir / "dlq" / f"{job}.jsonl"
 
 
-def _dlq_jobs(cfg: Config, job: str | None) -> list[str]:
-    dlq = cfg.state_dir / "dlq"
-    jobs = [job] if job else sorted(p.stem for p in dlq.glob("*.jsonl"))
-    for j in jobs:
-        if not (dlq / f"{j}.jsonl").exists():
-            raise AlertdError(f"dlq replay: no dead letters for {j} in {dlq}")
-        if not (cfg.state_dir / "done" / f"{j}.summary.json").exists():
-            raise AlertdError(f"dlq replay: {j} is still running; replay it once it is final")
-    return jobs
+def replayable(state_dir: Path) -> list[str]:
+    """Finished jobs with dead letters, oldest first."""
+    out = []
+    for p in (state_dir / "dlq").glob("j*.jsonl"):
+        job = p.name[:-len(".jsonl")]
+        if _JOB.match(job) and p.stat().st_size and \
+                (state_dir / "done" / f"{job}.summary.json").exists():
+            out.append(job)
+    return sorted(out, key=lambda j: int(j[1:]))
 
 
-def replay(cfg: Config, job: str | None = None) -> list[Result]:
-    """Replay the DLQ of `job`, or of every finished job; returns per-job results."""
-    jobs = _dlq_jobs(cfg, job)
-    wal_dir = cfg.state_dir / "wal"
-    wal_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    return asyncio.run(_replay(cfg, jobs))
-
-
-async def _replay(cfg: Config, jobs: list[str]) -> list[Result]:
-    shared = Shared.create(multiprocessing.get_context("spawn"))
-    ratelimit.configure(shared, cfg.rate.limit, cfg.rate.effective_burst)
-    sender = _Sender(cfg, ratelimit.TokenBudget(shared), shared)
-    writer = wal.WalWriter(cfg.state_dir / "wal", REPLAY_WAL, fsync=cfg.wal.fsync,
-                           interval=cfg.wal.fsync_interval, segment_bytes=cfg.wal.segment_bytes)
+def create(store: JobStore, of: str, chunk_bytes: int) -> Job | None:
+    """A replay job over the dead letters of `of` (None: it has none). The manifest is
+    written before the letters move, so a crash in between leaves them in the DLQ and an
+    orphan manifest that the next start removes."""
+    src = dlq_file(store.state_dir, of)
     try:
-        writer.open(wait=0)
-    except BlockingIOError:
-        raise AlertdError("dlq replay: another replay is running") from None
-    committer = asyncio.get_running_loop().create_task(writer.run())
-    results = []
+        size = src.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    name = f"{of}.dlq.jsonl"
+    job_id = store.allocate_id(name)
+    spool = store.spool / f"{job_id}--{name}"
+    job = Job(job_id, name, spool, LAYOUT, chunk_bytes, 0, time.time(), size, kind="replay",
+              replay_of=of)
+    write_atomic(store.spool / f"{job_id}.json",
+                 orjson.dumps({**job.manifest(), "source": str(src)}))
+    os.rename(src, spool)
+    wal.fsync_dir(src.parent)
+    wal.fsync_dir(store.spool)
+    job._fd = open_regular(spool)
+    job.size = os.fstat(job._fd).st_size
+    return job
+
+
+def credit(store: JobStore, job: Job) -> None:
+    """Count what the replay `job` delivered in its original job's summary, once."""
+    path = store.done / f"{job.replay_of}.summary.json"
     try:
-        for job in jobs:
-            results.append(await _replay_job(cfg, job, sender, writer))
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return  # no summary to credit (removed by hand): the replay's own summary stays
+    replays = doc.get("replays", [])
+    if job.id in replays:
+        return
+    n = job.counts.delivered
+    doc["delivered"] = doc.get("delivered", 0) + n
+    doc["dead"] = max(0, doc.get("dead", 0) - n)
+    doc["replayed"] = doc.get("replayed", 0) + n
+    doc["replays"] = replays + [job.id]
+    write_atomic(path, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+
+
+def return_unsent(state_dir: Path, job: Job) -> int:
+    """A cancelled replay: put the letters that got no outcome back into the DLQ of the
+    original job; returns how many. Reads the WALs for the replay's outcomes (a set of
+    offsets, one per letter sent) and its source line by line."""
+    sent: set[int] = set()
+    for seg in wal.segments(state_dir / "wal"):
+        for r in wal.records(seg):
+            if r["job"] == job.id and "off" in r and r["out"] in wal.FINAL and \
+                    r["out"] != "cancelled":
+                sent.add(r["off"])
+    back = 0
+    fd = open_regular(job.spool)
+    out = wal.open_private(dlq_file(state_dir, job.replay_of), os.O_WRONLY | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        for start, end in chunker.plan(chunker.FileView(fd, size), 0, 1 << 20,
+                                       MAX_LETTER_BYTES):
+            for off, line in chunker.read_rows(fd, start, end, MAX_LETTER_BYTES):
+                if off not in sent and isinstance(line, bytes) and line.strip():
+                    os.write(out, line + b"\n")
+                    back += 1
+        os.fsync(out)
     finally:
-        await writer.close()
-        await committer
-        await sender.pool.close()
-    return results
-
-
-async def _replay_job(cfg: Config, job: str, sender: _Sender, writer: wal.WalWriter) -> Result:
-    path = cfg.state_dir / "dlq" / f"{job}.jsonl"
-    entries = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-    outcomes = await asyncio.gather(*(sender.send(e) for e in entries))
-    res = Result(job)
-    remaining = []
-    now = time.time()
-    for e, (ok, status, attempts, err) in zip(entries, outcomes):
-        ck = -1  # a replay belongs to no chunk
-        writer.append(wal.encode_row(job, ck, e["offset"], "replayed" if ok else "replay-failed",
-                                     status, attempts, True, e["user_id"], now, err))
-        if ok:
-            res.delivered += 1
-        else:
-            res.failed += 1
-            remaining.append({**e, "attempts": e.get("attempts", 0) + attempts,
-                              "status": status, "error": err, "replayed_at": now})
-    await writer.sync()  # outcomes are durable before the DLQ forgets them
-    _rewrite(path, remaining)
-    return res
-
-
-def _rewrite(path: Path, entries: list[dict[str, Any]]) -> None:
-    """Replace the DLQ atomically, keeping its mode (0640 at most: it holds user IDs,
-    whatever the umask of the shell running the replay) and, where allowed, its owner."""
-    st = os.stat(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as f:
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o640)
-        try:
-            os.fchown(fd, st.st_uid, st.st_gid)  # root replaying the service's files
-        except PermissionError:
-            pass
-        for e in entries:
-            f.write(orjson.dumps(e) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
-class _Sender:
-    """Resends with the workers' policy (policy.decide): a 429 spends no attempt and
-    pauses every send for its Retry-After; retry.max_age, from the replay's start,
-    bounds an alert that is never accepted."""
-
-    def __init__(self, cfg: Config, budget: ratelimit.TokenBudget, shared: Shared) -> None:
-        self.cfg = cfg
-        self.budget = budget
-        self.shared = shared
-        self.payloads = Payloads(cfg.webhook.secrets)
-        self.pool = Pool(cfg.webhook.url, size=cfg.workers.concurrency,
-                         timeout=cfg.webhook.timeout, headers=cfg.webhook.headers,
-                         ssl_context=webhook_tls(cfg.webhook))
-        self.sem = asyncio.Semaphore(cfg.workers.concurrency)
-        self.started = time.monotonic()
-        self.gone = False
-
-    async def send(self, e: dict[str, Any]) -> tuple[bool, int, int, str | None]:
-        """(delivered?, last status, attempts, last error) for one dead letter."""
-        retry = self.cfg.retry
-        status, err, attempts = 0, None, 0
-        async with self.sem:
-            while not self.gone:
-                await self.budget.acquire()
-                hdr, body = self.payloads.build(e["id"], e["user_id"], e["message"], e["file"],
-                                                e["offset"], time.time(), e.get("fields"))
-                attempts += 1
-                try:
-                    r = await self.pool.post(hdr, body)
-                except TransportError as ex:
-                    status = 0
-                    d = policy.decide(0, attempts, retry, None, str(ex))
-                else:
-                    status = r.status
-                    d = policy.decide(status, attempts, retry, r.retry_after)
-                if d.action is Action.DELIVERED:
-                    return True, status, attempts, None
-                err = d.error
-                if not d.spend:
-                    attempts -= 1
-                if d.gone:
-                    self.gone = True  # the endpoint says it is not there: stop sending
-                if d.pause:
-                    ratelimit.pause(self.shared, d.pause)
-                if d.action is Action.DEAD or \
-                        time.monotonic() - self.started + d.delay > retry.max_age:
-                    break
-                await asyncio.sleep(d.delay)
-            else:
-                err = err or "not sent: the endpoint answered 410 Gone"
-        return False, status, attempts, err
+        os.close(fd)
+        os.close(out)
+    return back

@@ -45,6 +45,19 @@ RATE_TAU = 8.0
 RATE_STEP = 0.9  # seconds at least between two updates of a job's average
 
 
+TOTALS = metrics.OUTCOMES + ("replayed",)
+
+
+def _totals_of(job: dict[str, Any]) -> dict[str, int]:
+    """What a job (summary or snapshot) adds to the outcome totals. A replay job's rows
+    are dead letters already counted as dead in their own job: only what it delivered
+    counts again, as delivered and as replayed."""
+    if job.get("kind") == "replay":
+        return {**dict.fromkeys(TOTALS, 0), "delivered": job.get("delivered", 0),
+                "replayed": job.get("delivered", 0)}
+    return {**{k: job.get(k, 0) for k in metrics.OUTCOMES}, "replayed": 0}
+
+
 class Sampler:
     """Keeps the history a single snapshot cannot give: rates, ETAs and counters that
     survive worker restarts and finished jobs leaving the snapshot."""
@@ -57,7 +70,7 @@ class Sampler:
         self._gone_delivered = 0
         self._finished: dict[str, dict[str, int]] = {}  # job -> final counts, seen once
         self._finished_order: deque[str] = deque()
-        self._retired = dict.fromkeys(metrics.OUTCOMES, 0)  # counts of ids dropped from above
+        self._retired = dict.fromkeys(TOTALS, 0)  # counts of ids dropped from above
         # job -> [time of the last update, live delivered then, average rate or None,
         # updates averaged]
         self._ewma: dict[str, list[Any]] = {}
@@ -75,11 +88,11 @@ class Sampler:
         self._live = seen
         for s in doc.get("finished", []):
             if s["job"] not in self._finished:
-                self._finished[s["job"]] = {k: s.get(k, 0) for k in metrics.OUTCOMES}
+                self._finished[s["job"]] = _totals_of(s)
                 self._finished_order.append(s["job"])
         while len(self._finished_order) > 1000:  # bound the ids; their counts stay in the totals
             counts = self._finished.pop(self._finished_order.popleft())
-            for k in metrics.OUTCOMES:
+            for k in TOTALS:
                 self._retired[k] += counts[k]
         jobs = {j["job"]: (j["delivered"], j["bytes_done"]) for j in doc["jobs"]}
         self._average(now, doc["jobs"])
@@ -130,12 +143,13 @@ class Sampler:
         """Rows with a final outcome in jobs this process handled (active: as of the last ack)."""
         totals = dict(self._retired)
         for counts in self._finished.values():
-            for k in metrics.OUTCOMES:
+            for k in TOTALS:
                 totals[k] += counts[k]
         for j in doc["jobs"]:
             if j["job"] not in self._finished:
-                for k in metrics.OUTCOMES:
-                    totals[k] += j[k]
+                counts = _totals_of(j)
+                for k in TOTALS:
+                    totals[k] += counts[k]
         return totals
 
     def enrich(self, doc: dict[str, Any]) -> dict[str, Any]:

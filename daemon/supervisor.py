@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import config as config_mod
-from . import ratelimit, signals, systemd, wal, worker
+from . import ratelimit, replay, signals, systemd, wal, worker
 from .breaker import Breaker
 from .claims import Claims
 from .config import Config
@@ -269,6 +269,44 @@ class Supervisor:
                         pass  # a dying worker: its chunks come back through requeue
             log.info("%s: %s%s", job_id, action, f" {priority}" if priority else "")
             self._pump()
+
+    async def replay(self, of: str | None) -> list[tuple[str, bool]]:
+        """Start a replay job for the dead letters of `of` (None: of every finished job
+        that has some); (replay job id, started now) each, an already running replay of
+        the same letters (False) instead of a second one. NoSuchJob, NotAllowed."""
+        async with self._control_lock:
+            d, sd = self.dispatch, self.cfg.state_dir
+            loop = asyncio.get_running_loop()
+            if self.draining:
+                raise NotAllowed("alertd is stopping: replay once it runs again")
+            if of is None:
+                targets = await loop.run_in_executor(None, replay.replayable, sd)
+            elif of in d.jobs and d.jobs[of].kind == "replay":
+                raise NotAllowed(f"{of} is itself a replay (of {d.jobs[of].replay_of}): its "
+                                 f"letters that fail again go back to that job's DLQ")
+            elif of in d.jobs:
+                raise NotAllowed(f"{of} is {d.state(of)}: replay its dead letters once it is "
+                                 f"final")
+            elif not (sd / "done" / f"{of}.summary.json").exists():
+                raise NoSuchJob(f"no such job: {of}")
+            else:
+                targets = [of]
+            out = []
+            for j in targets:
+                active = d.replaying(j)
+                if active is not None:
+                    out.append((active.id, False))
+                    continue
+                job = await loop.run_in_executor(None, replay.create, self.store, j,
+                                                 self.cfg.workers.chunk_bytes)
+                if job is None:
+                    if of is not None:
+                        raise NotAllowed(f"{j} has no dead letters to replay")
+                    continue
+                log.info("%s: replaying the %d bytes of dead letters of %s", job.id, job.size, j)
+                self._on_job(job)
+                out.append((job.id, True))
+            return out
 
     # ------------------------------------------------------------ workers
 

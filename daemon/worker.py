@@ -20,7 +20,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from urllib.parse import urlsplit
 
-from . import chunker, policy, ratelimit, wal
+from . import chunker, letters, policy, ratelimit, wal
 from .breaker import CLOSED, OPEN, REASON_GONE, Breaker, Gate
 from .config import Config
 from .outcomes import ChunkState, Recorder
@@ -39,15 +39,18 @@ RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock,
 
 
 class _Alert:
-    __slots__ = ("cs", "off", "uid", "msg", "fields", "attempts", "dup", "last", "busy")
+    __slots__ = ("cs", "off", "uid", "msg", "fields", "letter", "attempts", "dup", "last",
+                 "busy")
 
     def __init__(self, cs: ChunkState, off: int, uid: str, msg: str,
-                 fields: dict[str, str] | None = None) -> None:
+                 fields: dict[str, str] | None = None,
+                 letter: letters.Letter | None = None) -> None:
         self.cs = cs
         self.off = off
         self.uid = uid
         self.msg = msg
         self.fields = fields  # data.fields ([csv] data_columns); None: no such key
+        self.letter = letter  # a replay job's row: sent with the letter's id, file, offset
         self.attempts = 0  # attempts that count toward retry.max_attempts
         self.dup = False  # a request may have reached the receiver without us knowing
         self.last: tuple[int, str] = (0, "")  # last status and error
@@ -296,6 +299,10 @@ class Worker:
             if due:
                 return heapq.heappop(self._retries)[2]
             self._expire_rows()
+            if not self._retries and time.monotonic() >= self.breaker.probe_due():
+                # Nothing held to probe with (every row of the outage ended dead): a new
+                # row is the probe, or the breaker would never close again.
+                return self._read_row()
             return None
         # Retries take at most their budgeted share while new rows are waiting.
         if due and (self._retry_share_ok() or not self._rows_waiting()):
@@ -345,6 +352,8 @@ class Worker:
                 lay = cs.chunk.layout
                 fields = None
                 try:
+                    if lay.letters:
+                        return self._letter(cs, off, line)
                     if lay.has_fields:
                         uid, msg, fields = chunker.parse_fields(line, lay)
                     else:  # the plain parse: no cost for data_columns when there are none
@@ -360,6 +369,13 @@ class Worker:
             cs.rows = None
             self._cur = None
             self.outcomes.finish_if_done(cs)
+
+    def _letter(self, cs: ChunkState, off: int, line: bytes) -> _Alert:
+        """A replay job's row: the dead letter on the line (BadRow if it is none)."""
+        lt = letters.parse(line)
+        cs.outstanding += 1
+        self._pending += 1
+        return _Alert(cs, off, lt.user_id, lt.message, lt.fields, lt)
 
     def _expire_rows(self) -> None:
         """While the endpoint is down, rows of jobs older than retry.max_age are dead
@@ -411,9 +427,14 @@ class Worker:
         else:
             self._sent_first += 1
         a.attempts += 1
-        chunk = a.cs.chunk
-        hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name, a.off,
-                                        time.time(), a.fields)
+        lt = a.letter
+        if lt is None:
+            chunk = a.cs.chunk
+            hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name,
+                                            a.off, time.time(), a.fields)
+        else:  # the same id and body as its first attempts: receivers can dedupe it
+            hdr, body = self.payloads.build(lt.id, a.uid, a.msg, lt.file, lt.offset,
+                                            time.time(), a.fields)
         # Plain ints here; the heartbeat copies them to shared memory (ctypes is slower).
         self._n_sent += 1
         try:
@@ -530,7 +551,7 @@ class Worker:
         a.busy = False
         self._pending -= 1
         self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err,
-                            a.fields)
+                            a.fields, a.letter)
 
 
 def main(index: int, conn: Connection, cfg: Config, shared: Shared, log_level: int) -> None:

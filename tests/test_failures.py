@@ -47,8 +47,18 @@ def test_failing_ids_are_dead_lettered_then_replayed_with_their_ids(tmp_path, mo
     assert r.returncode == 0, r.stdout + r.stderr
     stats = get_stats(port)
     assert stats["unique"] == len(failing) and stats["duplicates"] == 0
-    assert (a.state / "dlq" / f"{job}.jsonl").read_text() == ""
+    assert not (a.state / "dlq" / f"{job}.jsonl").exists()  # every letter left the DLQ
+    # The replay is a job of its own, and what it delivered counts in the original job.
+    rj = r.stdout.split(":", 1)[0]  # "j000002: replaying the dead letters of j000001"
+    replay = json.loads((a.state / "done" / f"{rj}.summary.json").read_text())
+    assert (replay["kind"], replay["replay_of"], replay["rows"], replay["delivered"]) == \
+        ("replay", job, len(failing), len(failing))
+    after = json.loads((a.state / "done" / f"{job}.summary.json").read_text())
+    assert (after["delivered"], after["dead"], after["replayed"]) == (5000, 0, len(failing))
     assert a.cli("verify", job).returncode == 0  # a replay is not a second final outcome
+    assert a.cli("verify", rj).returncode == 0  # one final outcome per letter
+    again = a.cli("dlq", "replay", job)
+    assert again.returncode == 1 and "has no dead letters" in again.stderr
 
 
 def test_an_outage_opens_the_breaker_instead_of_filling_the_dlq(tmp_path, mock, alertd):

@@ -7,6 +7,8 @@ import json
 import time
 from datetime import datetime
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.gen_csv import generate
 from tests.helpers import get_stats
 from tests.procs import poll, write_config
@@ -198,6 +200,14 @@ def test_jobs_api_answers_404_409_400_and_matches_the_openapi_file(tmp_path, moc
     st = _req(sport, "GET", "/v1/status")[1]
     validate(st, "Status")
     assert [j["state"] for j in st["jobs"] if j["job"] == job] == ["paused"]
+    # /metrics counts jobs by state: the active ones and the finished ones status lists.
+    conn = http.client.HTTPConnection("127.0.0.1", sport, timeout=5)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    fams = {f.name: f for f in text_string_to_metric_families(conn.getresponse().read().decode())}
+    conn.close()
+    states = {x.labels["state"]: x.value for x in fams["alertd_jobs"].samples}
+    assert states == {"queued": 0, "running": 0, "paused": 1, "complete": 0, "cancelled": 0,
+                      "failed": 1}
     for body in (b"", b"{", b'{"priority": "urgent"}', b'["high"]', b'{"priority": "high", "x": 1}'):
         code, doc = _req(sport, "POST", f"/v1/jobs/{job}/priority", body)
         assert code == 400 and "priority" in doc["error"], body
@@ -226,6 +236,9 @@ def test_jobs_api_answers_404_409_400_and_matches_the_openapi_file(tmp_path, moc
     assert listed["j.csv"]["state"] == "cancelled" and listed["bad.bin"]["state"] == "failed"
     assert "binary" in listed["bad.bin"]["reason"]
     assert b.cli("cancel", job).returncode == 1
+    # verify explains a failed job instead of looking for its rows.
+    v = b.cli("verify", listed["bad.bin"]["job"])
+    assert v.returncode == 1 and "failed: binary file" in v.stderr, v.stdout + v.stderr
 
 
 def test_job_commands_without_a_daemon_exit_3_and_bad_usage_exits_2(tmp_path):

@@ -263,14 +263,16 @@ def test_openapi_file_is_consistent() -> None:
     assert OPENAPI["openapi"].startswith("3.0")
     actions = ("pause", "resume", "cancel", "priority")
     assert set(OPENAPI["paths"]) == {"/v1/status", "/metrics", "/healthz", "/v1/files", "/v1/jobs",
-                                     "/v1/jobs/{job}", *(f"/v1/jobs/{{job}}/{a}" for a in actions)}
+                                     "/v1/jobs/{job}", *(f"/v1/jobs/{{job}}/{a}" for a in actions),
+                                     "/v1/dlq/replay"}
     for name in OPENAPI["components"]["schemas"]:
         jsonschema.Draft202012Validator.check_schema(json_schema(name))
     src = Path(ROOT / "daemon" / "status.py").read_text()
     assert src.count("add_get(") == 3
     assert src.count('add_post("/v1/files"') == 1
     jobs_routes = Path(ROOT / "daemon" / "jobsapi.py").read_text()
-    assert jobs_routes.count("add_get(") == 2 and jobs_routes.count("add_post(") == 1
+    assert jobs_routes.count("add_get(") == 2 and jobs_routes.count("add_post(") == 2
+    assert 'add_post("/v1/dlq/replay"' in jobs_routes
     assert "{action:" + "|".join(actions) + "}" in jobs_routes
 
 
