@@ -170,3 +170,34 @@ def test_a_replay_of_100k_letters_stays_small_and_shows_in_metrics(tmp_path, moc
     assert delivered["delivered"] == n and delivered["dead"] == n  # dead when they first failed
     states = {s.labels["state"]: s.value for s in fams["alertd_jobs"].samples}
     assert states["complete"] == 2 and states["running"] == 0
+
+
+def test_a_cancelled_replay_puts_its_unsent_letters_back(tmp_path, mock, alertd):
+    n = 3000
+    port = mock()
+    a = alertd(write_config(tmp_path / "a.toml", port,
+                            retry={"max_attempts": 1, "base_delay": 0.01, "max_age": 1.0}))
+    job = _dead_job(a, port, n, rate={"limit": 500})["job"]
+    post_json(port, "/control", {"mode": "ok"})
+    post_json(port, "/reset", {})
+    sock = str(a.state / "alertd.sock")
+    code, doc = _req(sock, "POST", "/v1/dlq/replay", b"{}")  # every job with letters
+    assert code == 201
+    [rj] = [j["job"] for j in doc["jobs"]]
+    poll(lambda: get_stats(port)["received"] >= 300, 30, "some letters replayed")
+    assert a.cli("pause", rj).returncode == 0  # a replay is paused and cancelled as any job
+    assert a.cli("cancel", rj).returncode == 0
+    s = {x["job"]: x for x in a.wait_summaries(2, timeout=60)}[rj]
+    sent = get_stats(port)["unique"]
+    assert s["status"] == "cancelled" and s["delivered"] == sent < n
+    back = [json.loads(x) for x in (a.state / "dlq" / f"{job}.jsonl").open()]
+    assert len(back) == n - sent  # what was not sent is a dead letter again, with its id
+    assert all(x["id"] == f"{job}:{x['offset']}" and x["job"] == job for x in back)
+    orig = json.loads((a.state / "done" / f"{job}.summary.json").read_text())
+    assert (orig["delivered"], orig["dead"], orig["replayed"]) == (sent, n - sent, sent)
+    assert a.cli("verify", rj).returncode == 0
+    # The rest can be replayed later: nothing delivered is sent again.
+    r = a.cli("dlq", "replay", job, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stats = get_stats(port)
+    assert stats["unique"] == n and stats["duplicates"] == 0
