@@ -13,6 +13,7 @@ from cpython.object cimport PyObject
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcpy
 
+import hashlib
 import time
 
 import orjson
@@ -83,21 +84,25 @@ cdef inline int put_bytes(Buf* b, bytes s) except -1:
     return put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
 
 
-cdef int put_int(Buf* b, long long v) except -1:
-    cdef char tmp[24]
+cdef inline int fmt_int(char* tmp, long long v) noexcept nogil:
+    """v in decimal at the end of tmp[24]; the index of its first character."""
     cdef int i = 24
-    cdef unsigned long long u
-    cdef bint neg = v < 0
-    u = <unsigned long long>(-v) if neg else <unsigned long long>v
+    cdef unsigned long long u = <unsigned long long>(-v) if v < 0 else <unsigned long long>v
     while True:
         i -= 1
         tmp[i] = <char>(48 + u % 10)
         u //= 10
         if u == 0:
             break
-    if neg:
+    if v < 0:
         i -= 1
         tmp[i] = b'-'
+    return i
+
+
+cdef int put_int(Buf* b, long long v) except -1:
+    cdef char tmp[24]
+    cdef int i = fmt_int(tmp, v)
     return put(b, tmp + i, 24 - i)
 
 
@@ -259,6 +264,9 @@ cdef class Requests:
     cdef bytes _ts_bytes
 
     def __cinit__(self, bytes head, secrets, str message):
+        cdef int i, j
+        cdef bytes k
+        cdef unsigned char block[64]
         self._pads = NULL
         self._body.p = NULL
         self._out.p = NULL
@@ -270,13 +278,9 @@ cdef class Requests:
         self._pads = <SHA256_CTX*>malloc(sizeof(SHA256_CTX) * 2 * max(1, self._nsec))
         if self._pads == NULL:
             raise MemoryError()
-        cdef int i, j
-        cdef bytes k
-        cdef unsigned char block[64]
         for i in range(self._nsec):
             k = keys[i]
-            if len(k) > 64:
-                import hashlib
+            if len(k) > 64:  # RFC 2104: a long key is hashed first
                 k = hashlib.sha256(k).digest()
             for j in range(64):
                 block[j] = (<unsigned char>k[j] if j < len(k) else 0) ^ 0x36
@@ -319,6 +323,8 @@ cdef class Requests:
         cdef unsigned char inner[32]
         cdef unsigned char outer[32]
         cdef SHA256_CTX ctx
+        cdef char digits[24]
+        cdef int nd
         self._tick(now)
         # The same float steps as Payloads.build: _MILLIS[int((now - sec) * 1000.0)].
         ms = <int>((now - <double>self._sec) * 1000.0)
@@ -366,12 +372,13 @@ cdef class Requests:
         put(o, b'\r\nwebhook-timestamp: ', 21)
         put_bytes(o, self._ts_bytes)
         if self._nsec:
+            nd = fmt_int(digits, off)  # the id's offset, signed as "job:off.ts.body"
             put(o, b'\r\nwebhook-signature: ', 21)
             for i in range(self._nsec):
                 ctx = self._pads[2 * i]
                 SHA256_Update(&ctx, PyBytes_AS_STRING(job), PyBytes_GET_SIZE(job))
                 SHA256_Update(&ctx, b":", 1)
-                self._update_int(&ctx, off)
+                SHA256_Update(&ctx, digits + nd, 24 - nd)
                 SHA256_Update(&ctx, b".", 1)
                 SHA256_Update(&ctx, PyBytes_AS_STRING(self._ts_bytes),
                               PyBytes_GET_SIZE(self._ts_bytes))
@@ -386,21 +393,6 @@ cdef class Requests:
         put(o, b'\r\n\r\n', 4)
         put(o, b.p, b.n)
         return PyBytes_FromStringAndSize(o.p, o.n)
-
-    cdef void _update_int(self, SHA256_CTX* ctx, long long v) noexcept:
-        cdef char tmp[24]
-        cdef int i = 24
-        cdef unsigned long long u = <unsigned long long>v if v >= 0 else <unsigned long long>(-v)
-        while True:
-            i -= 1
-            tmp[i] = <char>(48 + u % 10)
-            u //= 10
-            if u == 0:
-                break
-        if v < 0:
-            i -= 1
-            tmp[i] = b'-'
-        SHA256_Update(ctx, tmp + i, 24 - i)
 
     def build(self, str job, str name, long long offset, str uid, str msg, fields,
               double now) -> bytes:
