@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: install demo test bench clean install-systemd test-systemd
 
 ROWPATH_STAMP := $(VENV)/.rowpath-built
+ROWPATH_SRC := daemon/rowpath/_fast.pyx $(wildcard daemon/rowpath/*.pxi)
 
 install: $(STAMP) $(ROWPATH_STAMP)
 
@@ -19,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml setup.py
 	touch $(STAMP)
 
 # The compiled row path, rebuilt in place (daemon/rowpath/_fast.*.so) when its source changes.
-$(ROWPATH_STAMP): daemon/rowpath/_fast.pyx setup.py $(STAMP)
+$(ROWPATH_STAMP): $(ROWPATH_SRC) setup.py $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import alertd.rowpath as r; assert r.IMPL == 'compiled', 'row path not compiled'"
 	touch $(ROWPATH_STAMP)
