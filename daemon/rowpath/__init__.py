@@ -8,6 +8,7 @@ reference is used and one warning says so.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -20,7 +21,7 @@ if os.environ.get("ALERTD_PURE_PYTHON") == "1":
     impl = pure
 else:
     try:
-        from . import _fast as impl  # type: ignore[no-redef]
+        impl = importlib.import_module(f"{__name__}._fast")  # names the module if missing
     except ImportError as e:
         log.warning("rowpath: the compiled row path is not built (%s); using pure Python, "
                     "several times slower per row (make install builds it)", e)
