@@ -6,14 +6,24 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test bench clean install-systemd test-systemd
 
-install: $(STAMP)
+ROWPATH_STAMP := $(VENV)/.rowpath-built
+ROWPATH_SRC := daemon/rowpath/_fast.pyx $(wildcard daemon/rowpath/*.pxi)
 
-$(STAMP): requirements.txt pyproject.toml
+install: $(STAMP) $(ROWPATH_STAMP)
+
+# --no-build-isolation: setup.py compiles the row path with the venv's pinned Cython.
+$(STAMP): requirements.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The compiled row path, rebuilt in place (daemon/rowpath/_fast.*.so) when its source changes.
+$(ROWPATH_STAMP): $(ROWPATH_SRC) setup.py $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import alertd.rowpath as r; assert r.IMPL == 'compiled', 'row path not compiled'"
+	touch $(ROWPATH_STAMP)
 
 demo: install
 	$(PY) bench/demo.py
