@@ -35,6 +35,15 @@ class RedisDown(AlertdError):
     one line, e.g. `redis unreachable at redis://10.0.0.5:6379/0: connection refused`."""
 
 
+class Refused(RedisDown):
+    """Redis is up but refused the command; `reply` is its error line (e.g. NOGROUP ...),
+    for the few callers that repair a known one (queue.py recreates a lost group)."""
+
+    def __init__(self, message: str, reply: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
 class Script:
     """A Lua script run by EVALSHA, loaded on NOSCRIPT (a restarted or flushed Redis)."""
 
@@ -153,7 +162,7 @@ class Store:
         if isinstance(e, rexc.ResponseError) and not str(e).startswith(_UNAVAILABLE):
             # Redis is up, the command was wrong (a bug or a foreign key in our namespace):
             # still one exception for callers, but no backoff.
-            return RedisDown(f"redis at {self.shown} refused a command: {_line(e)}")
+            return Refused(f"redis at {self.shown} refused a command: {_line(e)}", _line(e))
         self.up = False
         self.error = f"redis unreachable at {self.shown}: {_reason(e, self.timeout)}"
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.0)
