@@ -119,7 +119,7 @@ class Store:
 
     async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one round trip (not a transaction); replies in order.
-        A command's error reply is returned in its place, as an exception object."""
+        An error reply to any of them raises Refused (the others have run)."""
         self._gate()
         self.commands += len(commands)
         try:
@@ -130,6 +130,9 @@ class Store:
         except BaseException as e:
             raise self._failed(e) from None
         self._ok()
+        for r in replies:
+            if isinstance(r, Exception):
+                raise Refused(f"redis at {self.shown} refused a command: {_line(r)}", _line(r))
         return replies
 
     async def time(self) -> float:
