@@ -40,10 +40,21 @@ def test_three_consumers_ack_every_chunk_exactly_once(redis):
             while sum(map(len, acked.values())) < 90 and time.monotonic() < deadline:
                 for t in await q.take(4, block_ms=50):
                     await asyncio.sleep(0.001)  # the chunk's work, then its fsync
-                    assert await q.ack(t)
+                    assert await q.ack(t, {**t.fields, "node": q.node, "delivered": "1"})
                     acked.setdefault(q.node, []).append(t.fields["seq"])
         queues = [ChunkQueue(s, f"node-{k}") for k, s in enumerate(stores[1:])]
+        tail = await pub.acks_tail()
         await asyncio.gather(*(consume(q) for q in queues))
+        # The planner's feed: one ack record per chunk, naming the node that acked it.
+        records: list[dict] = []
+        while len(records) < 100:
+            got = await pub.read_acks(tail, 50, block_ms=50)
+            if not got:
+                break
+            tail = got[-1][0]
+            records += [f for _, f in got]
+        assert sorted(int(r["seq"]) for r in records) == list(range(90))
+        assert {r["node"] for r in records} == set(acked)
         seqs = [s for node in acked.values() for s in node]
         assert sorted(seqs, key=int) == [str(i) for i in range(90)]  # each once
         assert len(acked) == 3  # all three took part
@@ -77,7 +88,8 @@ def test_a_dead_nodes_chunks_are_reclaimed_and_it_is_fenced_out(redis):
         assert all(t.epoch == 2 and t.fields["job"] == "j000001" for t in got)
         for t in held_a:
             assert not await a.still_owner(t.id, "a", t.epoch)
-            assert not await a.ack(t)  # the old owner cannot ack b's claim away
+            assert not await a.ack(t, {"job": "j000001"})  # cannot ack b's claim away
+        assert await a.acks_tail() == "0-0"  # and recorded nothing
         assert await a.renew(held_a) == [False] * 5
         assert all([await b.still_owner(t.id, "b", t.epoch) for t in got])
         for t in got:

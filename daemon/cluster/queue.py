@@ -49,14 +49,18 @@ for i = 3, #ARGV, 2 do
 end
 return out
 """)
-# ARGV[3] id, ARGV[4] epoch. Only the current owner acks: an old owner's XACK would
-# drop the new owner's claim from the group's pending list.
+# KEYS: stream, acks stream. ARGV[3] id, ARGV[4] epoch, ARGV[5..] the ack record. Only
+# the current owner acks (an old owner's XACK would drop the new owner's claim from the
+# group's pending list); the record for the planner goes out in the same step.
 _ACK = Script(_OWNS + """
 if not owns(ARGV[3], ARGV[4]) then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
+if #ARGV > 4 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_MAXLEN, '*', unpack(ARGV, 5))
+end
 return 1
-""")
+""".replace("ARGV_MAXLEN", "100000"))
 # ARGV[3] min idle ms, ARGV[4] start id, ARGV[5] count -> {next start, {{id, fields, epoch}}}.
 _RECLAIM = Script("""
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
@@ -133,6 +137,7 @@ class ChunkQueue:
         self.store = store
         self.node = node
         self.key = store.key(name)
+        self.acks_key = store.key(name, "acks")
         self._cursor = "0-0"  # XAUTOCLAIM's scan position, kept between calls
 
     async def ensure_group(self) -> None:
@@ -207,12 +212,26 @@ class ChunkQueue:
                 out.append(Taken(entry_id, _fields(fields), 1))  # first delivery: count 1
         return out
 
-    async def ack(self, taken: Taken) -> bool:
-        """The chunk's outcomes are fsynced: done. False if this claim had lapsed (another
-        node owns the entry now; nothing was changed)."""
-        r = await self._again(self.store.script, _ACK, [self.key],
-                              [GROUP, self.node, taken.id, taken.epoch])
+    async def ack(self, taken: Taken, record: dict[str, str] | None = None) -> bool:
+        """The chunk's outcomes are fsynced: done; `record` (job, seq, counts) goes to the
+        acks stream the planner reads, in the same step. False if this claim had lapsed
+        (another node owns the entry now; nothing was changed, nothing recorded)."""
+        r = await self._again(self.store.script, _ACK, [self.key, self.acks_key],
+                              [GROUP, self.node, taken.id, taken.epoch, *_flat(record or {})])
         return r == 1
+
+    async def acks_tail(self) -> str:
+        """The id of the newest ack record ("0-0": none): a new planner reads acks after
+        it once the WALs told it what was final before."""
+        r = await self.store.call("XREVRANGE", self.acks_key, "+", "-", "COUNT", 1)
+        return r[0][0] if r else "0-0"
+
+    async def read_acks(self, after: str, count: int, block_ms: int = 0) -> list[tuple[str, dict]]:
+        """Ack records after id `after`, oldest first (the planner's Dispatcher.ack feed)."""
+        block = max(0, min(block_ms, MAX_BLOCK_MS))
+        wait = ["BLOCK", block] if block else []
+        r = await self.store.call("XREAD", "COUNT", count, *wait, "STREAMS", self.acks_key, after)
+        return [(i, _fields(f)) for _stream, entries in r or [] for i, f in entries]
 
     async def still_owner(self, entry_id: str, node: str, epoch: int) -> bool:
         r = await self._again(self.store.script, _STILL_OWNER, [self.key],
