@@ -7,7 +7,8 @@ import shutil
 import time
 from pathlib import Path
 
-from alertd.cluster.queue import ChunkQueue, PlanStep, Taken, from_fields, to_fields
+from alertd.cluster.descriptor import from_fields, to_fields
+from alertd.cluster.queue import ChunkQueue, PlanStep, Taken
 from alertd.cluster.store import RedisDown, Store
 from alertd.protocol import Chunk, CsvLayout
 
