@@ -86,16 +86,12 @@ class Store:
 
     # ------------------------------------------------------------ calls
 
-    async def call(self, *args: Any, timeout: float | None = None) -> Any:
-        """One command. `timeout` extends the read deadline (blocking reads)."""
+    async def call(self, *args: Any) -> Any:
+        """One command (a blocking read must block for less than the timeout)."""
         self._gate()
         self.commands += 1
         try:
-            if timeout is None:
-                reply = await self.client.execute_command(*args)
-            else:
-                reply = await asyncio.wait_for(self.client.execute_command(*args),
-                                               self.timeout + timeout)
+            reply = await self.client.execute_command(*args)
         except BaseException as e:
             raise self._failed(e) from None
         self._ok()
