@@ -32,7 +32,13 @@ demo: install
 # half as long; timing-sensitive checks compare counts, not seconds, so they hold under it.
 PYTEST_JOBS ?= 2
 
+# The cluster tests start their own redis-server (own port, own dir); the package's
+# service, where apt starts one, is never used.
 test: install
+	@command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || { \
+	  echo "test: installing redis-server with apt-get (for the cluster tests)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 

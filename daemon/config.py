@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import socket
 import tomllib
 import typing
 from collections.abc import Callable
@@ -170,6 +172,15 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    # "" = single host; redis://, rediss:// or unix:// (checked with the section); may hold
+    # a password, so never shown
+    redis: str = key("", secret=True)
+    node: str = key("")  # "" = the host name (resolved with the section); unique per node
+    lease: float = key(15.0, gt=0)  # seconds without a heartbeat before a node's work is reclaimed
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
@@ -183,6 +194,7 @@ class Config:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None  # the file this was loaded from
     # One line each, for the operator (e.g. secrets inline in a file others can read);
     # not part of the value, so a reload that only changes a warning changes nothing.
@@ -331,6 +343,25 @@ def _check_csv(c: CsvConfig) -> CsvConfig:
     return dataclasses.replace(c, data_columns=tuple(cols))
 
 
+def _check_cluster(c: ClusterConfig) -> ClusterConfig:
+    if c.redis:
+        parts = urlsplit(c.redis)
+        if parts.scheme not in ("redis", "rediss", "unix") or \
+                (parts.scheme != "unix" and not parts.hostname) or \
+                (parts.scheme == "unix" and not parts.path):
+            raise _fail("cluster", "redis", f"must be a redis://, rediss:// or unix:// URL, got "
+                        f"{redact_url(c.redis)!r}")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise _fail("cluster", "redis", f"has a bad port: {redact_url(c.redis)!r}") from None
+    node = c.node or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", node):
+        raise _fail("cluster", "node", f"must be 1-63 letters, digits, '.', '_' or '-' (it names "
+                    f"keys in Redis and state_dir/nodes/<node>), got {node!r}")
+    return dataclasses.replace(c, node=node)
+
+
 def from_dict(raw: dict[str, Any], base: Path) -> Config:
     """Build a validated Config from parsed TOML; `base` resolves relative paths."""
     for name in raw:
@@ -341,6 +372,7 @@ def from_dict(raw: dict[str, Any], base: Path) -> Config:
     s["webhook"] = _check_webhook(s["webhook"])
     _check_retry(s["retry"])
     s["csv"] = _check_csv(s["csv"])
+    s["cluster"] = _check_cluster(s["cluster"])
     kind, _ = parse_listen(s["status"].listen, s["paths"].state_dir)
     if kind == "tcp" and not s["status"].token:
         raise _fail("status", "token", "is required when [status] listen is a TCP address")

@@ -51,3 +51,13 @@ def alertd() -> Iterator:
     for a in started:
         if a.proc is not None and a.proc.poll() is None:
             a.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator:
+    """A real redis-server (AOF, own port and dir) for cluster tests; stopped at the end."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

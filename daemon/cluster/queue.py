@@ -1,0 +1,278 @@
+"""The cluster's chunk queue: one Redis stream, one consumer group, one consumer per node.
+
+A chunk descriptor is published once (by the job's planner, fenced by its planner lock,
+atomically with the job's planning progress), taken by one node (XREADGROUP), renewed
+while it works, acknowledged only once its outcomes are fsynced (XACK + XDEL), and
+reclaimed by another node (XAUTOCLAIM) when its owner stopped renewing. The fencing
+token of a claim is Redis's own delivery count: every claim increments it, so `(node,
+epoch)` names one claim, and a node whose claim lapsed finds out before it writes.
+It never reads a spool file and never decides what a chunk's rows mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .store import Refused, Script, Store
+
+GROUP = "nodes"
+MAX_BLOCK_MS = 500  # below the store's socket timeout: a blocking read never times out
+
+# The owner check shared by the fenced scripts: ARGV[1] group, ARGV[2] consumer.
+_OWNS = """
+local function owns(id, epoch)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  return #p == 1 and p[1][2] == ARGV[2] and tonumber(p[1][4]) == tonumber(epoch)
+end
+"""
+# ARGV[3..]: id, epoch pairs -> 1/0 each.
+_STILL_OWNER = Script(_OWNS + """
+local out = {}
+for i = 3, #ARGV, 2 do out[#out + 1] = owns(ARGV[i], ARGV[i + 1]) and 1 or 0 end
+return out
+""")
+# Owned entries get their idle time reset (XCLAIM JUSTID leaves the delivery count, the
+# epoch, as it is), so a live node's long chunk is never reclaimed however long it takes.
+_RENEW = Script(_OWNS + """
+local out = {}
+for i = 3, #ARGV, 2 do
+  if owns(ARGV[i], ARGV[i + 1]) then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+""")
+# KEYS: stream, acks stream. ARGV[3] id, ARGV[4] epoch, ARGV[5..] the ack record. Only
+# the current owner acks (an old owner's XACK would drop the new owner's claim from the
+# group's pending list); the record for the planner goes out in the same step.
+_ACK = Script(_OWNS + """
+if not owns(ARGV[3], ARGV[4]) then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+if #ARGV > 4 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV_MAXLEN, '*', unpack(ARGV, 5))
+end
+return 1
+""".replace("ARGV_MAXLEN", "100000"))
+# ARGV[3] min idle ms, ARGV[4] start id, ARGV[5] count -> {next start, {{id, fields, epoch}}}.
+_RECLAIM = Script("""
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local out = {}
+for _, e in ipairs(r[2]) do
+  if e and e[2] then  -- Redis 6.2 lists entries deleted from the stream with nil fields
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    out[#out + 1] = {e[1], e[2], p[1][4]}
+  end
+end
+return {r[1], out}
+""")
+# ARGV[2] consumer, ARGV[3] count: this node's own pending entries (a restart of the
+# node), claimed again so their epochs move on and the old process is fenced out.
+_ADOPT = Script("""
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
+local out = {}
+for _, e in ipairs(p) do
+  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1])
+  if c[1] and c[1][2] then out[#out + 1] = {c[1][1], c[1][2], e[4] + 1} end
+end
+return out
+""")
+# KEYS: stream, planner lock, plan hash. ARGV: holder, offset, seq, done, fields...
+_PUBLISH = Script("""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+local id = false
+if #ARGV > 4 then id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5)) end
+redis.call('HSET', KEYS[3], 'offset', ARGV[2], 'seq', ARGV[3], 'done', ARGV[4])
+return id or ''
+""")
+# KEYS: planner lock, plan hash. ARGV: holder, ttl ms. Takes or renews the lock.
+_PLANNER = Script("""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local h = redis.call('HMGET', KEYS[2], 'offset', 'seq', 'done')
+return {h[1] or '', h[2] or '', h[3] or ''}
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """One claim of a chunk entry: `epoch` is the entry's delivery count at this claim."""
+
+    id: str
+    fields: dict[str, str]
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlanState:
+    """How far a job's planning got (None: not started)."""
+
+    offset: int | None
+    seq: int
+    done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """Planning progress published with a chunk: after it, plan from `offset` as chunk
+    `seq`; `done`: the file is planned to its end."""
+
+    job: str
+    holder: str
+    offset: int
+    seq: int
+    done: bool = False
+
+
+class ChunkQueue:
+    def __init__(self, store: Store, node: str, name: str = "chunks") -> None:
+        self.store = store
+        self.node = node
+        self.key = store.key(name)
+        self.acks_key = store.key(name, "acks")
+        self._cursor = "0-0"  # XAUTOCLAIM's scan position, kept between calls
+
+    async def ensure_group(self) -> None:
+        """The group exists (created with its stream). From id 0: after a lost group,
+        entries still in the stream are delivered again, never skipped."""
+        try:
+            await self.store.call("XGROUP", "CREATE", self.key, GROUP, "0", "MKSTREAM")
+        except Refused as e:
+            if not e.reply.startswith("BUSYGROUP"):
+                raise
+
+    async def _again(self, fn: Any, *args: Any) -> Any:
+        """Run fn; on NOGROUP (Redis came back without the stream) recreate the group and
+        run it once more: never a loop on the error."""
+        try:
+            return await fn(*args)
+        except Refused as e:
+            if "NOGROUP" not in e.reply:
+                raise
+        await self.ensure_group()
+        return await fn(*args)
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish(self, fields: dict[str, str], plan: PlanStep | None = None) -> str | None:
+        """Add a chunk descriptor; with `plan`, only while `plan.holder` holds the job's
+        planner lock, in one step with the progress. None: the lock is someone else's."""
+        if plan is None:
+            return await self.store.call("XADD", self.key, "*", *_flat(fields))
+        return await self._publish(plan, _flat(fields))
+
+    async def plan_progress(self, plan: PlanStep) -> bool:
+        """Record progress without a chunk (e.g. `done` after the last one)."""
+        return await self._publish(plan, []) is not None
+
+    async def _publish(self, plan: PlanStep, flat: list[str]) -> str | None:
+        r = await self.store.script(
+            _PUBLISH, [self.key, self._planner(plan.job), self._plan(plan.job)],
+            [plan.holder, plan.offset, plan.seq, int(plan.done), *flat])
+        return None if r is None else r
+
+    async def claim_planning(self, job: str, holder: str, ttl_ms: int) -> PlanState | None:
+        """Take (or renew) the job's planner lock; the progress to resume from, or None
+        if another holder has it."""
+        r = await self.store.script(_PLANNER, [self._planner(job), self._plan(job)],
+                                    [holder, ttl_ms])
+        if r is None:
+            return None
+        offset, seq, done = r
+        return PlanState(int(offset) if offset else None, int(seq or 0), done == "1")
+
+    async def release_planning(self, job: str, holder: str) -> None:
+        await self.store.script(_RELEASE, [self._planner(job)], [holder])
+
+    def _planner(self, job: str) -> str:
+        return self.store.key("planner", job)
+
+    def _plan(self, job: str) -> str:
+        return self.store.key("plan", job)
+
+    # ------------------------------------------------------------ consuming
+
+    async def take(self, count: int, block_ms: int = 0) -> list[Taken]:
+        """Up to `count` new entries for this node; waits up to `block_ms` (<= 500) for one."""
+        block = max(0, min(block_ms, MAX_BLOCK_MS))
+        wait = ["BLOCK", block] if block else []  # BLOCK 0 would wait forever
+        r = await self._again(self.store.call, "XREADGROUP", "GROUP", GROUP, self.node,
+                              "COUNT", count, *wait, "STREAMS", self.key, ">")
+        out = []
+        for _stream, entries in r or []:
+            for entry_id, fields in entries:
+                out.append(Taken(entry_id, _fields(fields), 1))  # first delivery: count 1
+        return out
+
+    async def ack(self, taken: Taken, record: dict[str, str] | None = None) -> bool:
+        """The chunk's outcomes are fsynced: done; `record` (job, seq, counts) goes to the
+        acks stream the planner reads, in the same step. False if this claim had lapsed
+        (another node owns the entry now; nothing was changed, nothing recorded)."""
+        r = await self._again(self.store.script, _ACK, [self.key, self.acks_key],
+                              [GROUP, self.node, taken.id, taken.epoch, *_flat(record or {})])
+        return r == 1
+
+    async def acks_tail(self) -> str:
+        """The id of the newest ack record ("0-0": none): a new planner reads acks after
+        it once the WALs told it what was final before."""
+        r = await self.store.call("XREVRANGE", self.acks_key, "+", "-", "COUNT", 1)
+        return r[0][0] if r else "0-0"
+
+    async def read_acks(self, after: str, count: int, block_ms: int = 0) -> list[tuple[str, dict]]:
+        """Ack records after id `after`, oldest first (the planner's Dispatcher.ack feed)."""
+        block = max(0, min(block_ms, MAX_BLOCK_MS))
+        wait = ["BLOCK", block] if block else []
+        r = await self.store.call("XREAD", "COUNT", count, *wait, "STREAMS", self.acks_key, after)
+        return [(i, _fields(f)) for _stream, entries in r or [] for i, f in entries]
+
+    async def still_owner(self, entry_id: str, node: str, epoch: int) -> bool:
+        r = await self._again(self.store.script, _STILL_OWNER, [self.key],
+                              [GROUP, node, entry_id, epoch])
+        return r == [1]
+
+    async def renew(self, held: list[Taken]) -> list[bool]:
+        """Reset the idle time of the entries this node still owns (call every lease/3);
+        False for each one it lost."""
+        if not held:
+            return []
+        args: list[Any] = [GROUP, self.node]
+        for t in held:
+            args += [t.id, t.epoch]
+        r = await self._again(self.store.script, _RENEW, [self.key], args)
+        return [x == 1 for x in r]
+
+    async def reclaim(self, min_idle_ms: int, count: int) -> list[Taken]:
+        """Claim up to `count` entries nobody renewed for `min_idle_ms` (their node lapsed)."""
+        r = await self._again(self.store.script, _RECLAIM, [self.key],
+                              [GROUP, self.node, min_idle_ms, self._cursor, count])
+        self._cursor = r[0]
+        return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r[1]]
+
+    async def adopt_own(self, count: int = 1000) -> list[Taken]:
+        """After a restart: claim what this node's previous run held, fencing it out."""
+        r = await self._again(self.store.script, _ADOPT, [self.key], [GROUP, self.node, count])
+        return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r]
+
+    async def backlog(self) -> int:
+        """Entries not yet acked (waiting or held): what a planner keeps bounded."""
+        return int(await self.store.call("XLEN", self.key))
+
+
+_RELEASE = Script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+""")
+
+
+def _flat(fields: dict[str, str]) -> list[str]:
+    return [x for kv in fields.items() for x in kv]
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    if isinstance(raw, dict):
+        return raw
+    return dict(zip(raw[::2], raw[1::2]))
