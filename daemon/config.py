@@ -204,9 +204,22 @@ class Config:
     def state_dir(self) -> Path:
         return self.paths.state_dir
 
+    @property
+    def node_dir(self) -> Path:
+        """What only this daemon writes: the state dir itself on one host; in a cluster
+        (shared state dir) state_dir/nodes/<node>/."""
+        if not self.cluster.redis:
+            return self.paths.state_dir
+        return self.paths.state_dir / "nodes" / self.cluster.node
+
+    @property
+    def wal_dir(self) -> Path:
+        """This daemon's WALs (readers look in every node's: wal.segments)."""
+        return self.node_dir / "wal"
+
     def status_address(self) -> tuple[str, Any]:
-        """('unix', Path) or ('tcp', (host, port))."""
-        return parse_listen(self.status.listen, self.paths.state_dir)
+        """('unix', Path) or ('tcp', (host, port)); a relative socket path is in node_dir."""
+        return parse_listen(self.status.listen, self.node_dir)
 
 
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)

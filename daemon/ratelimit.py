@@ -18,12 +18,20 @@ BATCH_SECONDS = 0.005
 MAX_BATCH = 64
 
 
-def configure(shared: Shared, limit: float, burst: float) -> None:
-    """Apply a (new) rate; keeps the tokens already earned, capped to the new burst."""
+LEASE_WAIT = 0.002  # leased: how long a worker waits for the next deposit
+
+
+def configure(shared: Shared, limit: float, burst: float, leased: bool = False) -> None:
+    """Apply a (new) rate; keeps the tokens already earned, capped to the new burst.
+    `leased`: the tokens come only from deposits (a cluster's shared budget), never
+    from this host's clock."""
     st = shared.state
     with shared.lock:
         now = time.monotonic()
-        if st.stamp == 0.0:
+        st.leased = int(leased and limit > 0)
+        if st.leased:
+            pass  # deposits already made stay: they were leased from the cluster
+        elif st.stamp == 0.0:
             st.tokens = 0.0  # start empty: a fresh daemon must not open with a burst
         else:
             st.tokens = min(st.tokens, burst)
@@ -39,6 +47,12 @@ def take(shared: Shared, want: int) -> tuple[int, float]:
         now = time.monotonic()
         if st.pause_until > now:
             return 0, st.pause_until - now
+        if st.leased:
+            if st.tokens >= 1.0:
+                granted = min(want, int(st.tokens))
+                st.tokens -= granted
+                return granted, 0.0
+            return 0, LEASE_WAIT
         rate = st.rate
         if rate <= 0.0:
             return want, 0.0

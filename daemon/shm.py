@@ -53,6 +53,9 @@ class SharedState(ctypes.Structure):
         ("prev_ok", ctypes.c_uint32),  # the window before it
         ("prev_fail", ctypes.c_uint32),
         ("consecutive_fail", ctypes.c_uint32),
+        # 1: tokens come only from deposits (cluster leases, cluster/bucket.py), never from
+        # the clock; `rate` is then the cluster's rate, for batch sizes and status.
+        ("leased", ctypes.c_int32),
         ("workers", WorkerSlot * MAX_WORKERS),
     ]
 

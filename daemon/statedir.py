@@ -122,8 +122,13 @@ def prepare(cfg: Config) -> Prepared:
     state, inbox = cfg.state_dir, cfg.paths.inbox_dir
     try:
         _make_dir(state, "[paths] state_dir", done.created, parents=True)
+        node = cfg.node_dir  # a cluster node's own corner of the shared state dir
+        if node != state:
+            _make_dir(state / "nodes", "[paths] state_dir", done.created, parents=False)
+            _make_dir(node, "[paths] state_dir", done.created, parents=False)
+            _make_dir(cfg.wal_dir, "[paths] state_dir", done.created, parents=False)
         try:
-            done.lock_fd = _lock(state / "alertd.lock", done.created)
+            done.lock_fd = _lock(node / "alertd.lock", done.created)
         except OSError as e:
             raise ConfigError(f"config: [paths] state_dir {state}: {e.strerror}") from None
         # A missing inbox parent is a typo far more often than a wish: say so, do not

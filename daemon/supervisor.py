@@ -21,6 +21,8 @@ from . import config as config_mod
 from . import ratelimit, replay, signals, systemd, wal, worker
 from .breaker import Breaker
 from .claims import Claims
+from .cluster.node import ClusterNode
+from .cluster.planner import Planner
 from .config import Config
 from .dispatch import Dispatcher, NoSuchJob, NotAllowed
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
@@ -88,6 +90,11 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
         self._exit_code = EXIT_OK
         self._control_lock = asyncio.Lock()  # one job control at a time: check, persist, apply
+        # Where workers' chunks come from: the Dispatcher on one host; in a cluster, the
+        # shared stream (cluster/node.py), which the planner node fills from its Dispatcher.
+        self.source: Any = self.dispatch
+        self.node: ClusterNode | None = None
+        self.planner: Planner | None = None
 
     # ------------------------------------------------------------ main loop
 
@@ -102,15 +109,24 @@ class Supervisor:
         self._status = StatusServer(cfg, self.snapshot, intake)
         self._status.jobs = self
         await self._status.start()
-        ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst)
-        await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
+        cluster = bool(cfg.cluster.redis)
+        ratelimit.configure(self.shared, cfg.rate.limit, cfg.rate.effective_burst,
+                            leased=cluster)
+        if cluster:
+            self.node = node = ClusterNode(cfg, self.shared, self._room, self._pump)
+            await node.join()  # a [rate] or [webhook] unlike the cluster's: ConfigError
+            self.source = node
+            self.planner = Planner(node.queue, self.dispatch, cfg.state_dir,
+                                   f"{cfg.cluster.node}:{node.epoch}", cfg.cluster.lease,
+                                   lambda: len(node.nodes), self._plan)
+        else:
+            await self._plan(set())
         signals.install(loop, self.controls)
         for _ in range(cfg.workers.count):
             self._spawn()
-        self._watcher = InboxWatcher(inbox, self._claims.arrived, self._claims.rescan)
-        self._watcher.start(loop)
-        self._claims.rescan()
-        self._background(self._claims.run(), "claims")
+        if self.node is not None and self.planner is not None:
+            self.node.start(self._background)
+            self._background(self.planner.run(self.node.stop), "cluster planner")
         await self._wait_ready()
         systemd.notify("READY=1", f"STATUS=watching {inbox}")
         log.info("alertd ready: %d workers, watching %s", cfg.workers.count, inbox)
@@ -126,11 +142,37 @@ class Supervisor:
                 get.cancel()
         for t in self._tasks:
             t.cancel()
+        if self.node is not None:
+            await self.node.leave(self.planner.holder if self.planner and self.planner.active
+                                  else None)
         await self._status.stop()
         self.shared.release()
         log.info("alertd stopped" if self._exit_code == EXIT_OK else
                  f"alertd stopped after a fatal error (exit status {self._exit_code})")
         return self._exit_code
+
+    async def _plan(self, already: set[tuple[str, int]]) -> None:
+        """Take up the planning: recover unfinished jobs, then claim files (on one host at
+        start; in a cluster when this node becomes the planner)."""
+        del already  # the planner skips them itself: on the stream already
+        cfg = self.cfg
+        await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
+        self._watcher = InboxWatcher(cfg.paths.inbox_dir, self._claims.arrived,
+                                     self._claims.rescan)
+        self._watcher.start(asyncio.get_running_loop())
+        self._claims.rescan()
+        self._background(self._claims.run(), "claims")
+        self._kick()
+
+    def _room(self) -> int:
+        """Chunks this node's workers can take now (what a cluster node buffers)."""
+        return PREFETCH * sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+
+    def _kick(self) -> None:
+        """The Dispatcher may have chunks: hand them out (or publish them, as planner)."""
+        if self.planner is not None:
+            self.planner.kick()
+        self._pump()
 
     def _background(self, coro: Any, name: str, forever: bool = True) -> None:
         """Run a task beside the main loop. If it fails, or a `forever` one ends at all, the
@@ -190,7 +232,7 @@ class Supervisor:
             extra = ["WATCHDOG=1"] if wd else []
             systemd.notify(*extra, f"STATUS={rate:.0f} requests/s, {len(self.dispatch.jobs)} jobs, "
                                    f"{pending} pending rows")
-            if n % 10 == 0 and not self.draining:
+            if n % 10 == 0 and not self.draining and self._watcher is not None:
                 self._claims.rescan()  # inotify can overflow; a rescan costs one listdir
             if n % 60 == 0:
                 loop = asyncio.get_running_loop()
@@ -217,7 +259,7 @@ class Supervisor:
     def _on_job(self, job: Job, priority: str = "normal") -> None:
         """A file was claimed: it joins the schedule and its chunks go out."""
         self.dispatch.add(job, priority)
-        self._pump()
+        self._kick()
 
     def _pump(self) -> None:
         """Hand out chunks until every live worker holds PREFETCH or nothing is left."""
@@ -231,7 +273,7 @@ class Supervisor:
                 # do not count here, so they never keep other jobs' chunks from it.
                 if sum(1 for job, _ in w.chunks if job not in paused) >= PREFETCH:
                     continue
-                c = self.dispatch.next_chunk()
+                c = self.source.next_chunk()
                 if c is None:
                     return
                 w.chunks[(c.job, c.seq)] = c
@@ -251,7 +293,7 @@ class Supervisor:
                 rec = wal.encode_cancel(job_id, job.data_start, max(job.size, job.data_start),
                                         time.time())
                 await loop.run_in_executor(None, wal.append_durable,
-                                           self.cfg.state_dir / "wal", wal.CONTROL_WAL, rec)
+                                           self.cfg.wal_dir, wal.CONTROL_WAL, rec)
             await loop.run_in_executor(None, self.store.write_control, job_id, doc["state"],
                                        doc["priority"])
             try:
@@ -268,7 +310,7 @@ class Supervisor:
                     except OSError:
                         pass  # a dying worker: its chunks come back through requeue
             log.info("%s: %s%s", job_id, action, f" {priority}" if priority else "")
-            self._pump()
+            self._kick()
 
     async def replay(self, of: str | None) -> list[tuple[str, bool]]:
         """Start a replay job for the dead letters of `of` (None: of every finished job
@@ -346,16 +388,16 @@ class Supervisor:
             w.progress = msg.counts
         elif isinstance(msg, ChunkAck):
             w.chunks.pop((msg.job, msg.seq), None)
-            self.dispatch.ack(msg.job, msg.seq, msg.counts)
-            self._pump()
+            self.source.ack(msg.job, msg.seq, msg.counts)
+            self._kick()
         elif isinstance(msg, Ready):
             w.ready = True
             log.info("worker %d ready (pid %d)", w.index, msg.pid)
             self._pump()
         elif isinstance(msg, ChunkFailed):
             w.chunks.pop((msg.job, msg.seq), None)
-            self.dispatch.chunk_failed(msg.job, msg.seq, msg.reason)
-            self._pump()
+            self.source.chunk_failed(msg.job, msg.seq, msg.reason)
+            self._kick()
 
     def _on_worker_exit(self, w: WorkerHandle) -> None:
         loop = asyncio.get_running_loop()
@@ -388,8 +430,8 @@ class Supervisor:
             self._spawn()
 
     async def _requeue(self, held: list[Chunk]) -> None:
-        await self.dispatch.requeue(held)
-        self._pump()
+        await self.source.requeue(held)
+        self._kick()
 
     # ------------------------------------------------------------ signals
 

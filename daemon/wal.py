@@ -148,7 +148,23 @@ def records(path: Path, stats: ReplayStats | None = None) -> Iterator[dict]:
 
 
 def segments(wal_dir: Path) -> list[Path]:
-    """All worker WAL files: rotated ones (by worker, by seq), then each worker's current file."""
+    """All worker WAL files: rotated ones (by worker, by seq), then each worker's current file.
+    Those of the whole state dir: its `wal/` and every cluster node's
+    (`nodes/<node>/wal/`), whichever of them is given, since a job's rows may have been
+    delivered by any node."""
+    state = wal_dir.parent.parent.parent if wal_dir.parent.parent.name == "nodes" else \
+        wal_dir.parent
+    out = _segments_of(state / "wal")
+    try:
+        nodes = sorted(os.scandir(state / "nodes"), key=lambda e: e.name)
+    except FileNotFoundError:
+        return out
+    for d in nodes:
+        out += _segments_of(Path(d.path) / "wal")
+    return out
+
+
+def _segments_of(wal_dir: Path) -> list[Path]:
     rotated: list[tuple[int, int, Path]] = []
     current: list[tuple[int, Path]] = []
     try:

@@ -64,7 +64,7 @@ class Worker:
         self.shared = shared
         self.slot = shared.slot(index)
         self.budget = TokenBudget(shared)
-        self.wal = wal.WalWriter(cfg.state_dir / "wal", index, fsync=cfg.wal.fsync,
+        self.wal = wal.WalWriter(cfg.wal_dir, index, fsync=cfg.wal.fsync,
                                  interval=cfg.wal.fsync_interval,
                                  segment_bytes=cfg.wal.segment_bytes)
         self.side = SideLog(cfg.state_dir)

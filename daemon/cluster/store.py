@@ -158,7 +158,8 @@ class Store:
     def _failed(self, e: BaseException) -> BaseException:
         if isinstance(e, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
             return e  # not ours to turn into RedisDown
-        if isinstance(e, rexc.ResponseError) and not str(e).startswith(_UNAVAILABLE):
+        # By the error code (its first word): BUSYGROUP is a refusal, BUSY is a busy Redis.
+        if isinstance(e, rexc.ResponseError) and str(e).split(" ", 1)[0] not in _UNAVAILABLE:
             # Redis is up, the command was wrong (a bug or a foreign key in our namespace):
             # still one exception for callers, but no backoff.
             return Refused(f"redis at {self.shown} refused a command: {_line(e)}", _line(e))
