@@ -541,7 +541,10 @@ class Supervisor:
                          "paused_for": max(0.0, st.pause_until - now)},
                 "breaker": {**Breaker(self.shared).describe(),
                             "probe_in": max(0.0, st.breaker_until - now) if st.breaker_state else 0.0},
-                "reload": {**self.last_reload, **self.reload_counts}}
+                "reload": {**self.last_reload, **self.reload_counts},
+                **({"cluster": {**self.node.describe(),
+                                "planner": bool(self.planner and self.planner.active)}}
+                   if self.node is not None else {})}
 
     def _jobs_live(self) -> list[dict[str, Any]]:
         """The dispatcher's jobs (counts as of acked chunks: durable), each with `live`:

@@ -2,14 +2,16 @@
 redis-server, against the real mock webhook."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 from bench.gen_csv import generate
 from tests.helpers import get_stats
-from tests.procs import ROOT, Alertd, write_config
+from tests.procs import ROOT, Alertd, poll, write_config
 
 NODES = ("n1", "n2", "n3")
 
@@ -69,3 +71,67 @@ def test_a_node_with_another_rate_is_refused(tmp_path, mock, redis, alertd):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "[rate]" in r.stderr and "cluster" in r.stderr, r.stderr
 
+
+
+def _wal_rows(state: Path, node: str, job: str) -> int:
+    return sum(line.count(f'"job":"{job}","ck"'.encode()) for wal in
+               (state / "nodes" / node / "wal").glob("worker-*.wal")
+               for line in [wal.read_bytes()])
+
+
+def test_kill9_of_a_node_mid_job_its_chunks_are_reclaimed(tmp_path, mock, redis, alertd):
+    rows, limit, lease = 150_000, 8_000, 3.0
+    port = mock()
+    nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
+                        rate={"limit": limit})
+    n1, n2 = nodes["n1"], nodes["n2"]
+    generate(str(tmp_path / "big.csv"), rows, seed=12)
+    n1.drop_link(tmp_path / "big.csv", "big.csv")
+    poll(lambda: get_stats(port)["unique"] > rows // 4, 60, "a quarter of the rows")
+    n2.kill9()  # the supervisor and its worker at once, as a power loss would
+    killed_at = time.monotonic()
+    [s] = n1.wait_summaries(1, timeout=lease + 60)
+    took = time.monotonic() - killed_at
+    stats = get_stats(port)
+    print(f"kill -9 of n2 at 25%: the job ended {took:.1f} s later (lease {lease} s), "
+          f"{stats['duplicates']} duplicates at the receiver")
+    assert s["delivered"] + s["rejected"] == rows and stats["unique"] == s["delivered"]
+    assert took <= lease + 30
+    assert stats["duplicates"] <= 64 + 2 * 0.05 * limit  # in flight + one fsync interval
+    v = n1.cli("verify", s["job"])
+    assert v.returncode == 0, v.stdout + v.stderr
+    # n2 comes back after its chunks were taken over: it writes nothing for them.
+    before = _wal_rows(n1.state, "n2", s["job"])
+    n2.start()
+    poll(lambda: any(n["name"] == "n2" and n["age"] < 2 for n in
+                     n2.status()["cluster"]["nodes"]), 30, "n2 to rejoin")
+    assert _wal_rows(n1.state, "n2", s["job"]) == before
+    assert n1.cli("verify", s["job"]).returncode == 0
+
+
+def test_redis_killed_mid_job_nothing_is_sent_until_it_is_back(tmp_path, mock, redis, alertd):
+    rows, limit = 60_000, 5_000
+    port = mock()
+    nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
+                        rate={"limit": limit})
+    n1 = nodes["n1"]
+    generate(str(tmp_path / "big.csv"), rows, seed=13)
+    n1.drop_link(tmp_path / "big.csv", "big.csv")
+    poll(lambda: get_stats(port)["unique"] > rows // 5, 60, "a fifth of the rows")
+    redis.kill9()
+    time.sleep(0.5)  # requests in flight and tokens already leased (20 ms) end
+    down = get_stats(port)["received"]
+    poll(lambda: "unreachable" in json.dumps(n1.status()["cluster"]), 10,
+         "status to say redis is unreachable")
+    time.sleep(4.5)  # Redis stays down 5 s: measuring that nothing is sent meanwhile
+    assert get_stats(port)["received"] == down, "requests were sent while Redis was down"
+    redis.restart()
+    [s] = n1.wait_summaries(1, timeout=120)
+    stats = get_stats(port)
+    print(f"redis down 5 s mid-job: {down} received before, 0 during, job complete, "
+          f"{stats['duplicates']} duplicates")
+    assert s["delivered"] + s["rejected"] == rows and stats["unique"] == s["delivered"]
+    assert stats["duplicates"] == 0
+    assert n1.cli("verify", s["job"]).returncode == 0
+    for a in nodes.values():
+        assert "NOGROUP" not in a.log()

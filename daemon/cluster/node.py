@@ -64,6 +64,7 @@ class ClusterNode:
         self.epoch = 0
         self.nodes: list[NodeInfo] = []
         self.fenced = 0  # chunks whose claim lapsed before their ack: the rows are another's
+        self._grace_until = 0.0  # no reclaim before (monotonic): Redis just came back
         self._pause_seen = 0.0
         self._cut_seen = 0.0
         self._tasks: list[asyncio.Task[Any]] = []
@@ -217,7 +218,12 @@ class ClusterNode:
                 if any(lost):  # taken over while this node was cut off: their acks fail
                     log.warning("cluster: %d chunks held here were taken over by another node",
                                 sum(lost))
-                got = await self.queue.reclaim(int(self.lease * 1000), 64)
+                # Reclaim only from a node whose heartbeat lapsed, and never in the first
+                # lease after Redis came back: every entry and heartbeat looks idle then,
+                # though their nodes are alive and about to renew them.
+                lapsed = any(n.age > self.lease for n in self.nodes if n.name != self.node)
+                got = [] if now < self._grace_until or not lapsed else \
+                    await self.queue.reclaim(int(self.lease * 1000), 64)
                 for t in got:
                     log.warning("cluster: took over %s chunk %s from a node that stopped "
                                 "renewing it", t.fields.get("job"), t.fields.get("seq"))
@@ -230,6 +236,7 @@ class ClusterNode:
                 self.nodes = await self.registry.nodes()
             except RedisDown as e:
                 log.debug("cluster upkeep: %s", e)
+                self._grace_until = time.monotonic() + self.lease + every
 
     async def _feed(self) -> None:
         """Leases into the local bucket; a local 429 pause or adaptive cut goes cluster-wide."""

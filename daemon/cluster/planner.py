@@ -62,10 +62,15 @@ class Planner:
                 raise RuntimeError("the planner role was taken over by another node while "
                                    "this one held it (Redis unreachable longer than the lease?)")
             if got is not None and not self.active:
-                await self._take_role()
+                try:
+                    await self._take_role()
+                except RedisDown:
+                    continue  # the lock is ours for a lease: try again
                 tasks = [asyncio.get_running_loop().create_task(self._publish(stop)),
                          asyncio.get_running_loop().create_task(self._acks(stop))]
-            await asyncio.sleep(1.0)
+            # The planner renews every second; the others ask only once a lease, so after
+            # Redis comes back the living planner, not a newcomer, gets its role back.
+            await asyncio.sleep(1.0 if self.active else self.lease)
         for t in tasks:
             t.cancel()
 
