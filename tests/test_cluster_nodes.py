@@ -135,3 +135,26 @@ def test_redis_killed_mid_job_nothing_is_sent_until_it_is_back(tmp_path, mock, r
     assert n1.cli("verify", s["job"]).returncode == 0
     for a in nodes.values():
         assert "NOGROUP" not in a.log()
+
+
+def test_three_nodes_keep_one_rate_limit_between_them(tmp_path, mock, redis, alertd):
+    limit = 6000
+    port = mock("--mode", "ratelimit", "--rate", str(limit))
+    nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
+                        rate={"limit": limit})
+    n1 = nodes["n1"]
+    generate(str(tmp_path / "big.csv"), 100_000, seed=14)
+    n1.drop_link(tmp_path / "big.csv", "big.csv")
+    poll(lambda: get_stats(port)["received"] > limit * 2, 30, "two seconds of sending")
+    t0, r0 = time.monotonic(), get_stats(port)["received"]
+    time.sleep(8)  # the measurement window of the steady rate, not a synchronisation
+    t1, r1 = time.monotonic(), get_stats(port)["received"]
+    rate = (r1 - r0) / (t1 - t0)
+    stats = get_stats(port)
+    print(f"3 nodes sharing rate.limit = {limit}: {rate:.0f}/s at the receiver over "
+          f"{t1 - t0:.1f} s ({rate / limit:.4f}), by status {stats['by_status']}")
+    assert abs(rate - limit) <= 0.01 * limit, rate
+    assert "429" not in stats["by_status"], stats["by_status"]
+    per = {n: a.status()["cluster"] for n, a in nodes.items()}
+    assert all(len(c["nodes"]) == 3 for c in per.values())
+    assert sum(c["planner"] for c in per.values()) == 1
