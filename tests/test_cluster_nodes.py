@@ -158,3 +158,31 @@ def test_three_nodes_keep_one_rate_limit_between_them(tmp_path, mock, redis, ale
     per = {n: a.status()["cluster"] for n, a in nodes.items()}
     assert all(len(c["nodes"]) == 3 for c in per.values())
     assert sum(c["planner"] for c in per.values()) == 1
+
+
+def test_kill9_of_the_planner_another_node_takes_its_role(tmp_path, mock, redis, alertd):
+    rows, limit, lease = 120_000, 8_000, 3.0
+    port = mock()
+    nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
+                        rate={"limit": limit})
+    planner = poll(lambda: next((n for n, a in nodes.items()
+                                 if a.status()["cluster"]["planner"]), None), 30, "a planner")
+    p = nodes[planner]
+    generate(str(tmp_path / "big.csv"), rows, seed=15)
+    p.drop_link(tmp_path / "big.csv", "big.csv")
+    poll(lambda: get_stats(port)["unique"] > rows // 4, 60, "a quarter of the rows")
+    p.kill9()
+    killed_at = time.monotonic()
+    other = nodes[next(n for n in NODES if n != planner)]
+    [s] = other.wait_summaries(1, timeout=2 * lease + 60)
+    took = time.monotonic() - killed_at
+    stats = get_stats(port)
+    now = [n for n in NODES if n != planner and nodes[n].status()["cluster"]["planner"]]
+    print(f"kill -9 of the planner at 25%: {now} took its role, the job ended {took:.1f} s "
+          f"later, {stats['duplicates']} duplicates")
+    assert len(now) == 1
+    assert s["delivered"] + s["rejected"] == rows and stats["unique"] == s["delivered"]
+    assert took <= 2 * lease + 30
+    assert stats["duplicates"] <= 64 + 2 * 0.05 * limit
+    v = other.cli("verify", s["job"])
+    assert v.returncode == 0, v.stdout + v.stderr
