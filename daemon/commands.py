@@ -150,6 +150,9 @@ def render(doc: dict[str, Any]) -> str:
                      f"  ({rl.get('succeeded', 0)} ok, {rl.get('failed', 0)} failed)")
         if rl["error"]:
             lines.append(f"  {rl['error']}"[:WIDTH])
+    cl = doc.get("cluster")
+    if cl is not None:
+        lines += _cluster_lines(cl)
     lines.append(f"{'JOB':8} {'FILE':13} {'STATE':8} {'DONE':>4} {'ROWS':>8} {'DELIVER':>8} "
                  f"{'REJECT':>6} {'DEAD':>5} {'RATE/s':>6} {'ETA':>5}")
     unacked = 0  # rows final in the workers but not yet durable (chunk not acknowledged)
@@ -167,7 +170,14 @@ def render(doc: dict[str, Any]) -> str:
                      f"{_dur(j.get('eta_s'))[:5]:>5}")
         if j["failed"]:
             lines.append(f"         failed: {j['failed']}"[:WIDTH])
-    if not doc["jobs"]:
+    remote = [j for j in (cl or {}).get("jobs", []) if j["state"] not in
+              ("complete", "cancelled", "failed")]
+    for j in remote if not doc["jobs"] else []:  # the planner's jobs, seen from another node
+        lines.append(f"{j['job']:8} {j['file'][:13]:13} {j['state'][:8]:8} "
+                     f"{j['progress']:>4.0%} {_n(j['rows'], 7) + '+':>8} "
+                     f"{_n(j['delivered'], 8):>8} {_n(j['rejected'], 6):>6} "
+                     f"{_n(j['dead'], 5):>5} {'':>6} {'':>5}".rstrip())
+    if not doc["jobs"] and not remote:
         lines.append("(no job in progress)")
     lines.append(f"(counts are live: {unacked:,} rows final, not yet durable: chunk unacked)"[:WIDTH]
                  if unacked else "(counts are live, and all durable: every chunk acked)")
@@ -181,6 +191,19 @@ def render(doc: dict[str, Any]) -> str:
                       f"{_n(w['in_flight'], 9):>9} {_n(w['pending'], 7):>7} "
                       f"{_n(w['sent'], 8):>8} {flags}").rstrip()[:WIDTH])
     return "\n".join(lines)
+
+
+def _cluster_lines(cl: dict[str, Any]) -> list[str]:
+    """This node's place in the cluster, and every node Redis knows."""
+    redis = "redis up" if cl["redis"] == "up" else f"REDIS UNREACHABLE: {cl.get('error')}"
+    lines = [f"cluster node {cl['node']} ({'planner' if cl.get('planner') else 'worker node'})"
+             f", {redis}"[:WIDTH],
+             f"{'NODE':16} {'PID':>7} {'HEARTBEAT':>9} {'RATE/s':>7} {'WORKERS':>7}"]
+    for n in cl.get("nodes", []):
+        late = "  LAPSED" if n["age"] > cl.get("lease", 15.0) else ""
+        lines.append(f"{n['name'][:16]:16} {n['pid']:>7} {n['age']:>8.1f}s "
+                     f"{_n(round(n['rate']), 7):>7} {n['workers']:>7}{late}")
+    return lines
 
 
 def status(cfg: Config, as_json: bool = False, watch: bool = False,

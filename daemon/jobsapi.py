@@ -22,7 +22,9 @@ class Controller(Protocol):
     dispatch: Dispatcher
 
     async def control_job(self, job_id: str, action: str,
-                          priority: str | None = None) -> None: ...
+                          priority: str | None = None) -> dict[str, Any]: ...
+
+    def job_views(self) -> list[dict[str, Any]] | None: ...
 
     async def replay(self, of: str | None) -> list[tuple[str, bool]]: ...
 
@@ -66,10 +68,18 @@ def add_routes(app: web.Application, ctl: Controller) -> None:
     """Register the /v1/jobs routes on the status application."""
 
     async def list_jobs(request: web.Request) -> web.Response:
-        return web.json_response({"jobs": listing(ctl.dispatch)}, dumps=_dumps)
+        remote = ctl.job_views()  # a cluster node that does not plan: the planner's
+        return web.json_response({"jobs": listing(ctl.dispatch) if remote is None else remote},
+                                 dumps=_dumps)
 
     async def get_job(request: web.Request) -> web.Response:
         job_id = request.match_info["job"]
+        remote = ctl.job_views()
+        if remote is not None:
+            found = next((j for j in remote if j["job"] == job_id), None)
+            if found is None:
+                return _error(404, f"no such job: {job_id}")
+            return web.json_response(found, dumps=_dumps)
         found = ctl.dispatch.find(job_id)
         if found is None:
             return _error(404, f"no such job: {job_id}")
@@ -91,13 +101,12 @@ def add_routes(app: web.Application, ctl: Controller) -> None:
                 return _error(400, f"priority must be one of {', '.join(PRIORITIES)}, "
                                    f'given as {{"priority": "high"}}')
         try:
-            await ctl.control_job(job_id, action, priority)
+            done = await ctl.control_job(job_id, action, priority)
         except NoSuchJob as e:
             return _error(404, str(e))
         except NotAllowed as e:
             return _error(409, str(e))
-        return web.json_response(view(ctl.dispatch, ctl.dispatch.find(job_id) or {}),
-                                 dumps=_dumps)
+        return web.json_response(done, dumps=_dumps)
 
     async def start_replay(request: web.Request) -> web.Response:
         raw = await request.content.read(MAX_BODY + 1)

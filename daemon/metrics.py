@@ -111,6 +111,18 @@ def render(doc: dict[str, Any]) -> str:
     o.family("alertd_job_progress_ratio", "gauge", "Share of an active job's bytes done.",
              [({"job": j["job"]}, j["progress"]) for j in jobs])
     o.family("alertd_draining", "gauge", "1 while stopping.", [({}, int(doc["draining"]))])
+    cl = doc.get("cluster")
+    if cl is not None:
+        o.family("alertd_cluster_nodes", "gauge",
+                 "Nodes with a heartbeat in Redis (lapsed ones included until they expire).",
+                 [({}, len(cl["nodes"]))])
+        o.family("alertd_redis_up", "gauge", "1 if this node's last Redis command succeeded.",
+                 [({}, int(cl["redis"] == "up"))])
+        o.family("alertd_redis_commands_total", "counter",
+                 "Redis commands this node sent (round trips; a script counts once).",
+                 [({}, cl["commands"])])
+        o.family("alertd_cluster_planner", "gauge", "1 if this node plans the cluster's jobs.",
+                 [({}, int(cl.get("planner", False)))])
     o.family("alertd_start_time_seconds", "gauge", "Unix time the daemon started.",
              [({}, float(doc["started_at"]))])
     return generate_latest(o).decode()

@@ -359,8 +359,14 @@ class StatusServer:
     async def _health(self, request: web.Request) -> web.Response:
         doc = self._snapshot()
         ok = bool(doc["workers"]) or doc["draining"]
-        return web.json_response({"ok": ok, "draining": doc["draining"],
-                                  "workers": len(doc["workers"])}, status=200 if ok else 503)
+        body = {"ok": ok, "draining": doc["draining"], "workers": len(doc["workers"])}
+        cl = doc.get("cluster")
+        if cl is not None:  # no Redis, no budget: this node sends nothing new
+            body["redis"] = cl["redis"]
+            if cl["redis"] != "up":
+                body["ok"] = ok = False
+                body["error"] = cl["error"]
+        return web.json_response(body, status=200 if ok else 503)
 
     async def _sample(self) -> None:
         while True:

@@ -23,11 +23,13 @@ from .breaker import Breaker
 from .claims import Claims
 from .cluster.node import ClusterNode
 from .cluster.planner import Planner
+from .cluster.store import RedisDown
 from .config import Config
 from .dispatch import Dispatcher, NoSuchJob, NotAllowed
 from .errors import EXIT_FAILURE, EXIT_OK, ConfigError
 from .intake import Intake
 from .jobs import Job, JobStore
+from .jobsapi import listing, view
 from .protocol import (
     JOB_ACTIONS,
     Chunk,
@@ -119,6 +121,8 @@ class Supervisor:
             self.planner = Planner(node.queue, self.dispatch, cfg.state_dir,
                                    f"{cfg.cluster.node}:{node.epoch}", cfg.cluster.lease,
                                    lambda: len(node.nodes), self._plan)
+            node.on_control = self._tell_workers
+            node.planning = lambda: bool(self.planner and self.planner.active)
         else:
             await self._plan(set())
         signals.install(loop, self.controls)
@@ -153,9 +157,13 @@ class Supervisor:
 
     async def _plan(self, already: set[tuple[str, int]]) -> None:
         """Take up the planning: recover unfinished jobs, then claim files (on one host at
-        start; in a cluster when this node becomes the planner)."""
+        start; in a cluster when this node becomes the planner, which also answers the
+        other nodes' job control and shows them its jobs)."""
         del already  # the planner skips them itself: on the stream already
         cfg = self.cfg
+        if self.node is not None:
+            self._background(self.node.relay.serve(self._asked, self.node.stop), "cluster control")
+            self._background(self._show_jobs(), "cluster jobs")
         await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
         self._watcher = InboxWatcher(cfg.paths.inbox_dir, self._claims.arrived,
                                      self._claims.rescan)
@@ -163,6 +171,42 @@ class Supervisor:
         self._claims.rescan()
         self._background(self._claims.run(), "claims")
         self._kick()
+
+    async def _asked(self, job_id: str, action: str,
+                     priority: str | None) -> tuple[int, dict[str, Any]]:
+        """Another node's job-control request, answered as the API would."""
+        try:
+            view = await self.control_job(job_id, action, priority)
+        except NoSuchJob as e:
+            return 404, {"error": str(e)}
+        except NotAllowed as e:
+            return 409, {"error": str(e)}
+        except ValueError as e:
+            return 400, {"error": str(e)}
+        return 200, view
+
+    async def _show_jobs(self) -> None:
+        assert self.node is not None
+        while True:
+            try:
+                await self.node.relay.publish_listing(listing(self.dispatch))
+            except RedisDown:
+                pass
+            await asyncio.sleep(1.0)
+
+    def job_views(self) -> list[dict[str, Any]] | None:
+        """The planner's job listing on a cluster node that does not plan; None when this
+        node holds the jobs itself."""
+        if self.node is not None and not (self.planner and self.planner.active):
+            return self.node.relay.listing
+        return None
+
+    def _tell_workers(self, job_id: str, action: str) -> None:
+        for w in self.workers.values():
+            try:
+                w.conn.send(JobControl(job_id, action))
+            except OSError:
+                pass  # a dying worker: its chunks come back through requeue
 
     def _room(self) -> int:
         """Chunks this node's workers can take now (what a cluster node buffers)."""
@@ -279,10 +323,23 @@ class Supervisor:
                 w.chunks[(c.job, c.seq)] = c
                 w.conn.send(c)
 
-    async def control_job(self, job_id: str, action: str, priority: str | None = None) -> None:
+    async def control_job(self, job_id: str, action: str,
+                          priority: str | None = None) -> dict[str, Any]:
         """pause/resume/cancel a job or set its priority: checked (NoSuchJob, NotAllowed),
         persisted (a cancel's range record in the WAL, then spool/<job>.control.json), then
-        applied and told to every worker, so a restart never undoes what was answered."""
+        applied and told to every worker, so a restart never undoes what was answered.
+        Returns the job's view. A cluster node that does not plan asks the planner."""
+        if self.job_views() is not None:
+            assert self.node is not None
+            try:
+                code, body = await self.node.relay.ask(job_id, action, priority)
+            except RedisDown as e:
+                raise NotAllowed(f"cluster: {e}") from None
+            if code == 404:
+                raise NoSuchJob(body["error"])
+            if code != 200:
+                raise NotAllowed(body["error"])
+            return body
         async with self._control_lock:
             d = self.dispatch
             d.check(job_id, action, priority)
@@ -304,13 +361,16 @@ class Supervisor:
                 raise
             d.apply(job_id, action, priority)
             if action in JOB_ACTIONS:
-                for w in self.workers.values():
+                self._tell_workers(job_id, action)
+                if self.node is not None:  # and the workers of every other node
                     try:
-                        w.conn.send(JobControl(job_id, action))
-                    except OSError:
-                        pass  # a dying worker: its chunks come back through requeue
+                        await self.node.relay.announce(job_id, action)
+                    except RedisDown as e:
+                        log.error("%s: %s not announced to the other nodes: %s", job_id,
+                                  action, e)
             log.info("%s: %s%s", job_id, action, f" {priority}" if priority else "")
             self._kick()
+        return view(self.dispatch, self.dispatch.find(job_id) or {})
 
     async def replay(self, of: str | None) -> list[tuple[str, bool]]:
         """Start a replay job for the dead letters of `of` (None: of every finished job
@@ -321,6 +381,9 @@ class Supervisor:
             loop = asyncio.get_running_loop()
             if self.draining:
                 raise NotAllowed("alertd is stopping: replay once it runs again")
+            if self.job_views() is not None:
+                raise NotAllowed("this cluster node does not plan jobs: run dlq replay on the "
+                                 "planner node (alertd status shows which one it is)")
             if of is None:
                 targets = await loop.run_in_executor(None, replay.replayable, sd)
             elif of in d.jobs and d.jobs[of].kind == "replay":

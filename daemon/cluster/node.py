@@ -30,6 +30,7 @@ from .fingerprint import check_fingerprint, cluster_config_fingerprint
 from .planner import ROLE
 from .queue import ChunkQueue, Taken
 from .registry import NodeInfo, Registry
+from .relay import Relay
 from .store import RedisDown, Store
 
 log = logging.getLogger("alertd.cluster")
@@ -48,6 +49,10 @@ class ClusterNode:
         self.store = Store(c.redis, timeout=1.0)
         self.queue = ChunkQueue(self.store, self.node)
         self.registry = Registry(self.store)
+        self.relay = Relay(self.store, self.lease)
+        # Pause, resume or cancel announced by the planner: the supervisor tells its workers.
+        self.on_control: Callable[[str, str], None] = lambda job, action: None
+        self.planning: Callable[[], bool] = lambda: False
         self.shared = shared
         self.bucket: ClusterBucket | None = None
         self.feeder: LeaseFeeder | None = None
@@ -88,6 +93,7 @@ class ClusterNode:
     def start(self, spawn: Callable[[Any, str], None]) -> None:
         spawn(self._consume(), "cluster chunks")
         spawn(self._upkeep(), "cluster upkeep")
+        spawn(self._controls(), "cluster control")
         if self.feeder is not None:
             spawn(self._feed(), "cluster budget")
 
@@ -234,9 +240,24 @@ class ClusterNode:
                 await self.registry.heartbeat(self.node, os.getpid(), self.epoch, rate,
                                               self.cfg.workers.count, self.lease)
                 self.nodes = await self.registry.nodes()
+                if not self.planning():
+                    await self.relay.fetch_listing()
             except RedisDown as e:
                 log.debug("cluster upkeep: %s", e)
                 self._grace_until = time.monotonic() + self.lease + every
+
+    async def _controls(self) -> None:
+        """Twice a second: job control announced by the planner reaches this node's
+        workers (pause and cancel hold rows of chunks already taken here)."""
+        while not self.stop.is_set():
+            await asyncio.sleep(TICK)
+            try:
+                changes = await self.relay.changes()
+            except RedisDown:
+                continue
+            if not self.planning():  # the planner told its own workers when it applied it
+                for job, action in changes:
+                    self.on_control(job, action)
 
     async def _feed(self) -> None:
         """Leases into the local bucket; a local 429 pause or adaptive cut goes cluster-wide."""
@@ -261,4 +282,5 @@ class ClusterNode:
         return {"node": self.node, "redis": "up" if self.store.up else "unreachable",
                 "error": self.error, "epoch": self.epoch, "commands": self.store.commands,
                 "fenced": self.fenced, "buffered": len(self._buffer), "held": len(self._held),
-                "nodes": [dataclasses.asdict(n) for n in self.nodes]}
+                "lease": self.lease, "nodes": [dataclasses.asdict(n) for n in self.nodes],
+                "jobs": [] if self.planning() else self.relay.listing}
