@@ -40,7 +40,7 @@ test: install
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(PYTEST_JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 # Bench-only extras (matplotlib) go into the same venv; nginx and wrk come from apt.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -150,15 +150,15 @@ class _Progress:
 class Intake:
     """The POST /v1/files handler. `unfinished()` counts the jobs not yet final; `claim`
     claims a file at a priority and returns the scheduled job (None: not claimed);
-    `draining()` says the daemon takes no new work."""
+    `refusing()` says why the daemon takes no file now (503), or returns a false value."""
 
     def __init__(self, config: Callable[[], Config], unfinished: Callable[[], int],
                  claim: Callable[[Path, str], Awaitable[Job | None]],
-                 draining: Callable[[], bool]) -> None:
+                 refusing: Callable[[], str | bool | None]) -> None:
         self._config = config
         self._unfinished = unfinished
         self._claim = claim
-        self._draining = draining
+        self._refusing = refusing
         self._uploading = 0  # bodies being received: they count against max_jobs too
         self._prefix = upload_prefix(config().state_dir)
         sweep(config().paths.inbox_dir, self._prefix)
@@ -170,8 +170,10 @@ class Intake:
         priority = request.query.get("priority", "normal")
         if priority not in PRIORITIES:
             raise Refused(400, f"priority: must be {', '.join(PRIORITIES)}, got {priority!r}")
-        if self._draining():
-            raise Refused(503, "draining: no new files are taken", RETRY_AFTER)
+        why = self._refusing()
+        if why:
+            raise Refused(503, why if isinstance(why, str) else "draining: no new files are taken",
+                          RETRY_AFTER)
         jobs = self._unfinished() + self._uploading
         if jobs >= cfg.intake.max_jobs:
             raise Refused(429, f"too many unfinished jobs: {jobs} (queued, running, paused or "
@@ -233,8 +235,10 @@ class Intake:
                 log.error("upload %s: cannot claim it: %s", shown, reason_of(e))
                 raise Refused(500, f"cannot claim the file: {reason_of(e)}") from None
             if job is None:
-                if self._draining():
-                    raise Refused(503, "draining: no new files are taken", RETRY_AFTER)
+                why = self._refusing()
+                if why:
+                    raise Refused(503, why if isinstance(why, str) else
+                                  "draining: no new files are taken", RETRY_AFTER)
                 raise Refused(500, "the file could not be claimed (see failed/)")
         except BaseException as e:  # a refusal, a client gone, a disk error, a cancel
             why = e.error if isinstance(e, Refused) else f"{type(e).__name__}: {e}"

@@ -377,6 +377,11 @@ class JobStore:
                     last = max(last, int(m.group(1)))
         return last, claiming
 
+    def refresh_ids(self) -> None:
+        """Read the last job id again (a cluster node that takes over the planning: the
+        previous planner allocated ids since this store was made)."""
+        self._last, self._claiming = self._load_last_id()
+
     def allocate_id(self, name: str) -> str:
         # Persisted before the claim so an id is never reused, even if done/ is cleaned;
         # with the name it is claimed for, because a crash between the rename and the

@@ -107,7 +107,7 @@ class Supervisor:
         # The listener first: if its address is taken the start is refused (ConfigError)
         # before a worker, a claim or a WAL exists, so nothing is left to clean up.
         intake = Intake(lambda: self.cfg, lambda: len(self.dispatch.jobs), self._claims.claim,
-                        lambda: self.draining)
+                        self._refusing_files)
         self._status = StatusServer(cfg, self.snapshot, intake)
         self._status.jobs = self
         await self._status.start()
@@ -162,6 +162,7 @@ class Supervisor:
         del already  # the planner skips them itself: on the stream already
         cfg = self.cfg
         if self.node is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.store.refresh_ids)
             self._background(self.node.relay.serve(self._asked, self.node.stop), "cluster control")
             self._background(self._show_jobs(), "cluster jobs")
         await self.dispatch.recover(cfg.csv, cfg.workers.chunk_bytes)
@@ -207,6 +208,15 @@ class Supervisor:
                 w.conn.send(JobControl(job_id, action))
             except OSError:
                 pass  # a dying worker: its chunks come back through requeue
+
+    def _refusing_files(self) -> str | None:
+        """Why an upload is refused now (503), or None."""
+        if self.draining:
+            return "draining: no new files are taken"
+        if self.job_views() is not None:
+            return ("this cluster node does not plan jobs: upload to the planner node "
+                    "(alertd status shows which one it is), or drop the file in the inbox")
+        return None
 
     def _room(self) -> int:
         """Chunks this node's workers can take now (what a cluster node buffers)."""

@@ -152,8 +152,12 @@ def segments(wal_dir: Path) -> list[Path]:
     Those of the whole state dir: its `wal/` and every cluster node's
     (`nodes/<node>/wal/`), whichever of them is given, since a job's rows may have been
     delivered by any node."""
-    state = wal_dir.parent.parent.parent if wal_dir.parent.parent.name == "nodes" else \
-        wal_dir.parent
+    if wal_dir.parent.parent.name == "nodes":  # state_dir/nodes/<node>/wal
+        state = wal_dir.parent.parent.parent
+    elif wal_dir.name == "wal":  # state_dir/wal
+        state = wal_dir.parent
+    else:  # a folder of WAL files on its own
+        return _segments_of(wal_dir)
     out = _segments_of(state / "wal")
     try:
         nodes = sorted(os.scandir(state / "nodes"), key=lambda e: e.name)

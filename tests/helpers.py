@@ -19,6 +19,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+import pytest
+
+# make test runs two tests at a time (pytest-xdist, --dist loadgroup): tests that measure a
+# rate or load the machine with several daemons run one after another in this group, on
+# one of the two, so that no two of them share the cores with each other.
+TIMING = pytest.mark.xdist_group("timing")
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(rb"mock_webhook: listening on http://[^:]+:(\d+)/ mode=(\w+)")
 T = TypeVar("T")

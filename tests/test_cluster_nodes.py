@@ -13,11 +13,12 @@ from alertd.commands import _UnixHTTPConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats
+from tests.helpers import TIMING, get_stats
 from tests.procs import ROOT, Alertd, poll, write_config
 from tests.test_status import validate
 
 NODES = ("n1", "n2", "n3")
+pytestmark = TIMING  # three daemons, a Redis and a mock each: never two at once
 
 
 def node_config(tmp_path: Path, name: str, port: int, redis_url: str, **sections: dict) -> Path:

@@ -11,7 +11,7 @@ from datetime import datetime
 from standardwebhooks.webhooks import Webhook
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats
+from tests.helpers import TIMING, get_stats
 from tests.procs import SECRET, poll, write_config
 
 
@@ -52,6 +52,7 @@ def test_100k_rows_two_workers_signed_and_exactly_once(tmp_path, mock, alertd):
     assert n == 100_000
 
 
+@TIMING
 def test_rate_limit_is_shared_by_workers(tmp_path, mock, alertd):
     port = mock("--mode", "ratelimit", "--rate", "2000")
     a = alertd(write_config(tmp_path / "alertd.toml", port, rate={"limit": 2000}))

@@ -6,7 +6,7 @@ import time
 
 from bench.gen_csv import generate
 from mock_webhook.server import fails_by_hash
-from tests.helpers import get_stats, post_json
+from tests.helpers import TIMING, get_stats, post_json
 from tests.procs import poll, write_config
 
 
@@ -117,6 +117,7 @@ def test_endpoint_down_for_20_s_mid_job(tmp_path, mock, alertd):
     assert a.cli("verify", s["job"]).returncode == 0
 
 
+@TIMING
 def test_adaptive_rate_settles_below_the_receivers_limit(tmp_path, mock, alertd):
     port = mock("--mode", "ratelimit", "--rate", "1000")
     a = alertd(write_config(tmp_path / "a.toml", port,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats
+from tests.helpers import TIMING, get_stats
 from tests.procs import Alertd, poll, write_config
 
 DATA = Path(__file__).parent / "data"
@@ -68,6 +68,7 @@ def test_bad_input_corpus(tmp_path, mock, alertd):
     assert get_stats(mock_port)["unique"] == sum(CORPUS[n][0] for n in ok)
 
 
+@TIMING
 def test_chaos_kill9_ten_times(tmp_path, mock, alertd):
     rows = 100_000
     mock_port = mock()

@@ -14,7 +14,7 @@ import psutil
 from alertd.commands import _UnixHTTPConnection
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import get_stats, post_json
+from tests.helpers import TIMING, get_stats, post_json
 from tests.procs import ROOT, poll, write_config
 from tests.test_status import validate
 
@@ -73,6 +73,7 @@ class PeakRss:
         return self.peak
 
 
+@TIMING
 def test_replay_shares_the_budget_detaches_and_resumes_after_a_crash(tmp_path, mock, alertd):
     n, limit = 18_000, 3000
     port = mock()

@@ -5,6 +5,7 @@ import time
 from datetime import datetime
 
 from bench.gen_csv import generate
+from tests.helpers import TIMING
 from tests.procs import poll, write_config
 from tests.test_jobs import _job_of
 
@@ -27,6 +28,7 @@ def _five_running(tmp_path, mock, alertd, rows: int, prefix: str):
     return a, big
 
 
+@TIMING
 def test_a_small_job_behind_five_large_ones_finishes_within_seconds(tmp_path, mock, alertd):
     a, _ = _five_running(tmp_path, mock, alertd, 400_000, "big")
     t_drop = time.time()

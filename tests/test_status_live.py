@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from bench.gen_csv import generate
-from tests.helpers import get_stats
+from tests.helpers import TIMING, get_stats
 from tests.procs import poll, write_config
 
 ROWS = 200_000
@@ -14,6 +14,7 @@ LIMIT = 3_000
 WATCH = 28.0  # seconds sampled: 10 s of start-up, then the steady rate and a falling ETA
 
 
+@TIMING
 def test_live_counts_rate_and_eta_follow_the_receiver(tmp_path, mock, alertd):
     port = mock()
     a = alertd(write_config(tmp_path / "alertd.toml", port, rate={"limit": LIMIT}))

@@ -227,9 +227,9 @@ class ClusterNode:
                 # Reclaim only from a node whose heartbeat lapsed, and never in the first
                 # lease after Redis came back: every entry and heartbeat looks idle then,
                 # though their nodes are alive and about to renew them.
-                lapsed = any(n.age > self.lease for n in self.nodes if n.name != self.node)
-                got = [] if now < self._grace_until or not lapsed else \
-                    await self.queue.reclaim(int(self.lease * 1000), 64)
+                lapsed = [n.name for n in self.nodes if n.age > self.lease and n.name != self.node]
+                got = [] if now < self._grace_until else \
+                    await self.queue.reclaim_from(lapsed, int(self.lease * 1000), 64)
                 for t in got:
                     log.warning("cluster: took over %s chunk %s from a node that stopped "
                                 "renewing it", t.fields.get("job"), t.fields.get("seq"))

@@ -52,11 +52,20 @@ class Planner:
     async def run(self, stop: asyncio.Event) -> None:
         """Hold (or wait for) the role; while held, publish and take acks."""
         tasks: list[asyncio.Task[None]] = []
+        quiet_until = 0.0  # after a Redis outage, leave the role to the node that had it
         while not stop.is_set():
+            loop = asyncio.get_running_loop()
+            if not self.active and loop.time() < quiet_until:
+                await asyncio.sleep(1.0)
+                continue
             try:
                 got = await self.queue.claim_planning(ROLE, self.holder, int(self.lease * 1000))
             except RedisDown:
                 got = None if not self.active else True
+                if not self.active:
+                    quiet_until = loop.time() + 2 * self.lease
+                await asyncio.sleep(0.5)
+                continue
             if got is None and self.active:
                 # Another node holds the role: a second planner would publish twice.
                 raise RuntimeError("the planner role was taken over by another node while "

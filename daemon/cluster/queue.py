@@ -69,6 +69,19 @@ for _, e in ipairs(r[2]) do
 end
 return {r[1], out}
 """)
+# ARGV[2] claimer, ARGV[3] min idle ms, ARGV[4] count, ARGV[5..] consumers whose node
+# lapsed -> {{id, fields, epoch}}: only their entries, never a live node's late renewal.
+_RECLAIM_FROM = Script("""
+local out = {}
+for i = 5, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4], ARGV[i])
+  for _, e in ipairs(p) do
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], e[1])
+    if c[1] and c[1][2] then out[#out + 1] = {c[1][1], c[1][2], e[4] + 1} end
+  end
+end
+return out
+""")
 # ARGV[2] consumer, ARGV[3] count: this node's own pending entries (a restart of the
 # node), claimed again so their epochs move on and the old process is fenced out.
 _ADOPT = Script("""
@@ -251,6 +264,15 @@ class ChunkQueue:
                               [GROUP, self.node, min_idle_ms, self._cursor, count])
         self._cursor = r[0]
         return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r[1]]
+
+    async def reclaim_from(self, nodes: list[str], min_idle_ms: int, count: int) -> list[Taken]:
+        """Claim up to `count` entries per node of `nodes` (their heartbeat lapsed) that
+        they have not renewed for `min_idle_ms`."""
+        if not nodes:
+            return []
+        r = await self._again(self.store.script, _RECLAIM_FROM, [self.key],
+                              [GROUP, self.node, min_idle_ms, count, *nodes])
+        return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r]
 
     async def adopt_own(self, count: int = 1000) -> list[Taken]:
         """After a restart: claim what this node's previous run held, fencing it out."""
