@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import chunker, transport
 
+WalRow = tuple[int, str, int, int, bool, str, "str | None"]  # off, out, st, att, dup, uid, err
 Reject = tuple[int, str, bytes]  # (file offset, reason, the line's first REJECT_HEAD bytes)
 REJECT_HEAD = chunker.LongLine.HEAD  # as much of a bad line as rejects/<job>.jsonl keeps
 
