@@ -135,6 +135,7 @@ class Worker:
         wal_task = loop.create_task(self.wal.run())
         loop.add_reader(self.conn.fileno(), self._on_readable)
         self.slot.pid = os.getpid()
+        log.info("worker %d: row path %s", self.index, rowpath.IMPL)
         self._resize_lanes()
         beat = loop.create_task(self._heartbeat())
         self.conn.send(Ready(self.index, os.getpid()))
