@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean install-systemd test-systemd
+.PHONY: install demo test test-pure bench clean install-systemd test-systemd
 
 ROWPATH_STAMP := $(VENV)/.rowpath-built
 ROWPATH_SRC := daemon/rowpath/_fast.pyx $(wildcard daemon/rowpath/*.pxi)
@@ -41,6 +41,12 @@ test: install
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(PYTEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
+
+# The core end-to-end tests again on the pure-Python row path (the reference; `make test`
+# runs the compiled one): the same behaviour from both, as CI checks after `make test`.
+PURE_TESTS ?= tests/test_e2e.py tests/test_failures.py tests/test_hostile.py
+test-pure: install
+	ALERTD_PURE_PYTHON=1 $(PY) -m pytest -q -n $(PYTEST_JOBS) $(PURE_TESTS)
 
 # Bench-only extras (matplotlib) go into the same venv; nginx and wrk come from apt.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -277,12 +277,23 @@ def read_rows(fd: int, start: int, end: int,
     """The rows of the span [start, end) of an open file, as rows() gives them.
 
     Reads everything before it returns (a file truncated under us raises OSError
-    here, not in the middle of the rows). A first line longer than max_line_bytes
-    is scanned for its end in blocks, never held: with plan()'s spans nothing else
-    can be that long, so memory stays within chunk_bytes + max_line_bytes.
+    here, not in the middle of the rows); see read_span_rows for a long first line.
     """
-    lead: list[tuple[int, bytes | LongLine]] = []
-    pos = start
+    lead, data, pos = read_span_rows(fd, start, end, max_line_bytes)
+    if not data:
+        return iter(lead)
+    tail = rows(data, pos, pos, end, max_line_bytes)
+    return chain(lead, tail) if lead else tail
+
+
+def read_span_rows(fd: int, start: int, end: int,
+                   max_line_bytes: int = 0) -> tuple[list[tuple[int, LongLine]], bytes, int]:
+    """The span [start, end) as (the row of a first line longer than max_line_bytes, the
+    bytes after it, their file offset); OSError if the file is shorter than the span.
+
+    Such a line is scanned for its end in blocks, never held: with plan()'s spans
+    nothing else can be that long, so memory stays within chunk_bytes + max_line_bytes.
+    """
     probe = max_line_bytes + 2  # more than a line of max_line_bytes and its \r\n
     if max_line_bytes and end - start > probe:
         head = read_span(fd, start, min(end, start + max(probe, LongLine.HEAD)))
@@ -290,13 +301,10 @@ def read_rows(fd: int, start: int, end: int,
             nl = _find_strict(fd, b"\n", start + probe, end)
             stop = end if nl < 0 else nl
             length = stop - start - (read_span(fd, stop - 1, stop) == b"\r")
-            lead.append((start, LongLine(head[:min(LongLine.HEAD, length)], length,
-                                         max_line_bytes)))
+            long = LongLine(head[:min(LongLine.HEAD, length)], length, max_line_bytes)
             pos = end if nl < 0 else nl + 1
-    if pos >= end:
-        return iter(lead)
-    tail = rows(read_span(fd, pos, end), pos, pos, end, max_line_bytes)
-    return chain(lead, tail) if lead else tail
+            return [(start, long)], read_span(fd, pos, end) if pos < end else b"", pos
+    return [], read_span(fd, start, end), start
 
 
 def _find_strict(fd: int, sub: bytes, pos: int, end: int) -> int:

@@ -98,6 +98,12 @@ def _parse(url: str, headers: Sequence[tuple[str, str]]) -> tuple[str, int, bool
     return host, port, tls, ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
 
 
+def request_head(url: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The request line and fixed headers up to "Content-Length: ", exactly as a Pool for
+    this URL and these headers writes them (the row path prebuilds requests with it)."""
+    return _parse(url, headers)[3]
+
+
 def _why(e: BaseException) -> str:
     """The text of a protocol error: our own rule if a parser callback raised it."""
     if isinstance(e, _Reject):
@@ -316,6 +322,12 @@ class Pool:
         return self._opened
 
     @property
+    def head(self) -> bytes:
+        """The request head of the current config (see request_head); a reconfigure
+        replaces it, and requests built on the old one must not be sent."""
+        return self._head
+
+    @property
     def in_flight(self) -> int:
         """Requests inside post(), including those waiting for a connection."""
         return self._in_flight
@@ -348,6 +360,12 @@ class Pool:
 
         Raises TransportError; the timeout spans the connect (if any) and the exchange.
         """
+        return await self.post_request(b"".join((self._head, str(len(body)).encode(), b"\r\n",
+                                                 header_lines, b"\r\n", body)))
+
+    async def post_request(self, request: bytes) -> Response:
+        """Send one whole request (built on `head`, its Content-Length and body included),
+        as post() does."""
         if self._closed:
             raise TransportError("closed", False, "pool is closed")
         loop = self._loop or self._bind()
@@ -365,8 +383,7 @@ class Pool:
                 conn = await self._acquire(loop)
             deadline = conn.connect_deadline or loop.time() + self._timeout
             conn.connect_deadline = 0.0
-            fut = conn.send(b"".join((self._head, str(len(body)).encode(), b"\r\n", header_lines,
-                                      b"\r\n", body)), deadline)
+            fut = conn.send(request, deadline)
             try:
                 return await fut
             except asyncio.CancelledError:

@@ -20,7 +20,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from urllib.parse import urlsplit
 
-from . import chunker, letters, policy, ratelimit, wal
+from . import chunker, letters, policy, ratelimit, rowpath, wal
 from .breaker import CLOSED, OPEN, REASON_GONE, Breaker, Gate
 from .config import Config
 from .outcomes import ChunkState, Recorder
@@ -36,11 +36,12 @@ log = logging.getLogger("alertd.worker")
 
 PROGRESS_TICKS = 5  # heartbeat ticks (0.1 s) between live-count reports to the supervisor
 RESULT_BATCH = 64  # successes reported to the shared breaker at once (one lock, not 64)
+REQUEST_AGE = 1  # whole seconds a prepared request may wait before it is signed again
 
 
 class _Alert:
     __slots__ = ("cs", "off", "uid", "msg", "fields", "letter", "attempts", "dup", "last",
-                 "busy")
+                 "busy", "req", "req_sec", "requests")
 
     def __init__(self, cs: ChunkState, off: int, uid: str, msg: str,
                  fields: dict[str, str] | None = None,
@@ -55,6 +56,11 @@ class _Alert:
         self.dup = False  # a request may have reached the receiver without us knowing
         self.last: tuple[int, str] = (0, "")  # last status and error
         self.busy = False  # a lane holds it: not yet final nor scheduled for a retry
+        # The first attempt's request, prepared in a batch at int second req_sec under
+        # `requests` (one config): sent only while that config is current and it is fresh.
+        self.req: bytes | None = None
+        self.req_sec = 0
+        self.requests: rowpath.Requests | None = None
 
 
 class Worker:
@@ -115,6 +121,11 @@ class Worker:
             # A reload re-reads the TLS files: certificates can be rotated with a HUP.
             self.pool.reconfigure(w.url, size=cfg.workers.concurrency, timeout=w.timeout,
                                   headers=w.headers, ssl_context=tls)
+        # A new object on every reload: requests prepared under the old one are rebuilt.
+        self.requests = rowpath.Requests(self.pool.head, w.secrets, cfg.alert.message)
+        # Under a rate limit a batch is sent within about a second of being signed.
+        limit = int(cfg.rate.limit or 0)
+        self.batch = max(16, min(256, limit // 4 or 256))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -124,6 +135,7 @@ class Worker:
         wal_task = loop.create_task(self.wal.run())
         loop.add_reader(self.conn.fileno(), self._on_readable)
         self.slot.pid = os.getpid()
+        log.info("worker %d: row path %s", self.index, rowpath.IMPL)
         self._resize_lanes()
         beat = loop.create_task(self._heartbeat())
         self.conn.send(Ready(self.index, os.getpid()))
@@ -132,6 +144,7 @@ class Worker:
         if self.outcomes.acks:
             await asyncio.gather(*self.outcomes.acks, return_exceptions=True)
         beat.cancel()
+        self.outcomes.flush()
         self.slot.sent, self.slot.delivered = self._n_sent, self._n_delivered
         await self.wal.close()
         await wal_task
@@ -195,6 +208,7 @@ class Worker:
         self._chunks = deque(c for c in self._chunks if c.job != job)
         for cs in states:
             cs.rows = None
+            cs.ready.clear()  # prepared, never taken: not sent, like the unread rows
             cs.parsed = True
         waiting = [e[2] for e in self._retries if e[2].cs.chunk.job == job]
         if waiting:
@@ -346,29 +360,46 @@ class Worker:
                     cs = self._open_chunk(nxt)
                     if cs is None:
                         continue
-            for off, line in cs.rows:
-                if off in cs.chunk.done:
-                    continue
-                lay = cs.chunk.layout
-                fields = None
-                try:
-                    if lay.letters:
-                        return self._letter(cs, off, line)
-                    if lay.has_fields:
-                        uid, msg, fields = chunker.parse_fields(line, lay)
-                    else:  # the plain parse: no cost for data_columns when there are none
-                        uid, msg = chunker.parse(line, lay)
-                except chunker.BadRow as e:
-                    self.outcomes.reject(cs, off, line, e.reason)
-                    continue
+            ready = cs.ready
+            if ready:
                 cs.outstanding += 1
                 self._pending += 1
-                return _Alert(cs, off, uid, msg if msg is not None else self.cfg.alert.message,
-                              fields)
+                return ready.popleft()
+            rows = cs.rows
+            if rows is not None and not cs.chunk.layout.letters:
+                if not rows.exhausted:
+                    self._prepare(cs, rows)
+                    continue
+            elif rows is not None:
+                for off, line in rows:  # a replay's dead letters: rare, one at a time
+                    if off in cs.chunk.done:
+                        continue
+                    try:
+                        return self._letter(cs, off, line)
+                    except chunker.BadRow as e:
+                        self.outcomes.reject(cs, off, line, e.reason)
             cs.parsed = True
             cs.rows = None
             self._cur = None
             self.outcomes.finish_if_done(cs)
+
+    def _prepare(self, cs: ChunkState, rows: rowpath.RowBatcher) -> None:
+        """The chunk's next batch of lines: rejects recorded now, good rows prepared (parsed,
+        signed, framed) in cs.ready. They count as taken only when _read_row hands them out,
+        so back pressure is unchanged; ready adds at most one batch per chunk."""
+        now = time.time()
+        req = self.requests
+        b = rows.next(req, now, self.batch)
+        for off, reason, line in b.rejects:
+            self.outcomes.reject(cs, off, line, reason)
+        if not b.offsets:
+            return
+        sec = int(now)
+        ready = cs.ready
+        for off, uid, msg, fields, data in zip(b.offsets, b.uids, b.msgs, b.fields, b.requests):
+            a = _Alert(cs, off, uid, msg, fields)
+            a.req, a.req_sec, a.requests = data, sec, req
+            ready.append(a)
 
     def _letter(self, cs: ChunkState, off: int, line: bytes) -> _Alert:
         """A replay job's row: the dead letter on the line (BadRow if it is none)."""
@@ -396,7 +427,13 @@ class Worker:
             # pread, not mmap: a file truncated under us gives a short read, never SIGBUS.
             fd = os.open(chunk.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:  # a line longer than max_line_bytes is skipped in blocks, never held
-                rows = chunker.read_rows(fd, chunk.start, chunk.end, chunk.layout.max_line_bytes)
+                lay = chunk.layout
+                if lay.letters:
+                    rows = chunker.read_rows(fd, chunk.start, chunk.end, lay.max_line_bytes)
+                else:
+                    lead, data, pos = rowpath.read_span(fd, chunk.start, chunk.end,
+                                                        lay.max_line_bytes)
+                    rows = rowpath.RowBatcher(data, pos, lay, chunk.job, chunk.name, chunk.done)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -406,6 +443,10 @@ class Worker:
         cs = ChunkState(chunk, rows)
         if chunk.done:  # recovered rows count as live until the chunk is acked
             self.outcomes.open.add(cs)
+        if not lay.letters:
+            for off, reason, line in lead:
+                if off not in chunk.done:
+                    self.outcomes.reject(cs, off, line, reason)
         self._cur = cs
         return cs
 
@@ -429,16 +470,24 @@ class Worker:
         a.attempts += 1
         lt = a.letter
         if lt is None:
-            chunk = a.cs.chunk
-            hdr, body = self.payloads.build(f"{chunk.job}:{a.off}", a.uid, a.msg, chunk.name,
-                                            a.off, time.time(), a.fields)
+            req, a.req = a.req, None  # ~400 bytes a row: kept for its first attempt only
+            now = time.time()
+            if (req is None or a.requests is not self.requests
+                    or int(now) - a.req_sec > REQUEST_AGE):
+                # A retry, a reload since, or it waited (paused, breaker, tokens): signed
+                # now, so no receiver sees a timestamp older than about a second.
+                chunk = a.cs.chunk
+                req = self.requests.build(chunk.job, chunk.name, a.off, a.uid, a.msg, a.fields,
+                                          now)
+            send = self.pool.post_request(req)
         else:  # the same id and body as its first attempts: receivers can dedupe it
             hdr, body = self.payloads.build(lt.id, a.uid, a.msg, lt.file, lt.offset,
                                             time.time(), a.fields)
+            send = self.pool.post(hdr, body)
         # Plain ints here; the heartbeat copies them to shared memory (ctypes is slower).
         self._n_sent += 1
         try:
-            r = await self.pool.post(hdr, body)
+            r = await send
         except TransportError as e:
             if e.sent:
                 a.dup = True  # outcome unknown: it may have arrived; same id on the retry

@@ -13,7 +13,7 @@ import logging
 import os
 
 from . import pure
-from .span import Batch, Reject, read_span, request_head
+from .span import Batch, Reject, WalRow, read_span, request_head
 
 log = logging.getLogger("alertd.rowpath")
 
@@ -32,5 +32,5 @@ Requests = impl.Requests
 RowBatcher = impl.RowBatcher
 encode_wal_rows = impl.encode_wal_rows
 
-__all__ = ["IMPL", "Batch", "Reject", "Requests", "RowBatcher", "encode_wal_rows", "read_span",
-           "request_head"]
+__all__ = ["IMPL", "Batch", "Reject", "Requests", "RowBatcher", "WalRow", "encode_wal_rows",
+           "read_span", "request_head"]

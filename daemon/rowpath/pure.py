@@ -11,9 +11,7 @@ from collections.abc import Collection, Sequence
 from .. import chunker, wal
 from ..payload import Payloads
 from ..protocol import CsvLayout
-from .span import REJECT_HEAD, Batch
-
-WalRow = tuple[int, str, int, int, bool, str, "str | None"]  # off, out, st, att, dup, uid, err
+from .span import REJECT_HEAD, Batch, WalRow
 
 
 class Requests:

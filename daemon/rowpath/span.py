@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .. import chunker, transport
 
+WalRow = tuple[int, str, int, int, bool, str, "str | None"]  # off, out, st, att, dup, uid, err
 Reject = tuple[int, str, bytes]  # (file offset, reason, the line's first REJECT_HEAD bytes)
 REJECT_HEAD = chunker.LongLine.HEAD  # as much of a bad line as rejects/<job>.jsonl keeps
 
@@ -39,7 +40,7 @@ class Batch:
 def request_head(url: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """The request line and fixed headers up to "Content-Length: ", exactly as the
     transport writes them for this webhook URL and its configured extra headers."""
-    return transport._parse(url, headers)[3]
+    return transport.request_head(url, headers)
 
 
 def read_span(fd: int, start: int, end: int,
@@ -48,17 +49,7 @@ def read_span(fd: int, start: int, end: int,
     max_line_bytes, which is scanned in blocks and never held; the bytes after it; their
     file offset). Raises OSError when the file is shorter than the span, like read_rows.
 
-    The same rule as chunker.read_rows, which yields rows where this needs the bytes.
+    chunker.read_span_rows's rule (one rule for both paths), with the reject spelled out.
     """
-    probe = max_line_bytes + 2  # more than a line of max_line_bytes and its \r\n
-    if max_line_bytes and end - start > probe:
-        head = chunker.read_span(fd, start, min(end, start + max(probe, REJECT_HEAD)))
-        if b"\n" not in head[:probe]:
-            nl = chunker._find_strict(fd, b"\n", start + probe, end)
-            stop = end if nl < 0 else nl
-            length = stop - start - (chunker.read_span(fd, stop - 1, stop) == b"\r")
-            long = chunker.LongLine(head[:min(REJECT_HEAD, length)], length, max_line_bytes)
-            pos = end if nl < 0 else nl + 1
-            data = chunker.read_span(fd, pos, end) if pos < end else b""
-            return [(start, long.reason, long.head)], data, pos
-    return [], chunker.read_span(fd, start, end), start
+    lead, data, pos = chunker.read_span_rows(fd, start, end, max_line_bytes)
+    return [(off, long.reason, long.head) for off, long in lead], data, pos
