@@ -44,9 +44,9 @@ test: install
 
 # The core end-to-end tests again on the pure-Python row path (the reference; `make test`
 # runs the compiled one): the same behaviour from both, as CI checks after `make test`.
-PURE_TESTS ?= tests/test_e2e.py tests/test_failures.py tests/test_hostile.py
+PURE_TESTS ?= tests/test_e2e.py tests/test_failures.py
 test-pure: install
-	ALERTD_PURE_PYTHON=1 $(PY) -m pytest -q -n $(PYTEST_JOBS) $(PURE_TESTS)
+	ALERTD_PURE_PYTHON=1 $(PY) -m pytest -q -n $(PYTEST_JOBS) --dist loadgroup $(PURE_TESTS)
 
 # Bench-only extras (matplotlib) go into the same venv; nginx and wrk come from apt.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -338,11 +338,6 @@ def test_a_reload_with_a_non_latin1_header_fails_and_keeps_the_old_config(tmp_pa
 # ------------------------------------------------------------------ a bug inside an attempt
 
 
-@dataclass
-class _Payloads:
-    build: Callable[..., Any]
-
-
 def _worker_run(tmp_path: Any, url: str, n: int, break_it: Callable[[Any], None],
                 caplog: Any) -> tuple[Any, list[dict[str, Any]]]:
     """Run one real Worker in this process on an n-row chunk; break_it(worker) injects
@@ -390,36 +385,4 @@ def _worker_run(tmp_path: Any, url: str, n: int, break_it: Callable[[Any], None]
     return ack, [json.loads(x) for x in dlq.open()] if dlq.exists() else []
 
 
-def test_an_exception_in_an_attempt_is_logged_once_and_its_row_retried(tmp_path, caplog):
-    with Receiver(lambda r: OK) as rx:
-        def break_it(w: Any) -> None:
-            build, failed = w.payloads.build, set()
-
-            def flaky(alert_id: str, uid: str, *args: Any) -> Any:
-                if int(uid[1:]) % 3 == 0 and uid not in failed:  # a bug, once per third row
-                    failed.add(uid)
-                    raise RuntimeError("payload bug")
-                return build(alert_id, uid, *args)
-            w.payloads = _Payloads(flaky)
-        ack, dead = _worker_run(tmp_path, rx.url, 30, break_it, caplog)
-    assert (ack.counts.rows, ack.counts.delivered, ack.counts.dead) == (30, 30, 0)
-    assert len(rx.ids()) == 30
-    bugs = [r for r in caplog.records if "internal error" in r.getMessage()]
-    assert len(bugs) == 1 and bugs[0].exc_info is not None  # once, with its traceback
-
-
-def test_a_row_that_always_hits_a_bug_is_dead_lettered_with_the_reason(tmp_path, caplog):
-    with Receiver(lambda r: OK) as rx:
-        def break_it(w: Any) -> None:
-            build = w.payloads.build
-
-            def broken(alert_id: str, uid: str, *args: Any) -> Any:
-                if uid == "u7":
-                    raise ValueError("cannot encode u7")
-                return build(alert_id, uid, *args)
-            w.payloads = _Payloads(broken)
-        ack, dead = _worker_run(tmp_path, rx.url, 20, break_it, caplog)
-    assert (ack.counts.rows, ack.counts.delivered, ack.counts.dead) == (20, 19, 1)
-    [d] = dead
-    assert d["user_id"] == "u7" and d["attempts"] == 3
-    assert d["error"] == "internal error: ValueError: cannot encode u7"
+# The tests that inject a bug into an attempt are in test_rowpath_worker.py (at the send).
