@@ -520,10 +520,21 @@ class Supervisor:
             systemd.notify("READY=1")
             return
         old = self.cfg
-        if new.paths != old.paths or new.status != old.status:
-            # The watcher, the job store and the listener were built on the old ones.
-            log.warning("reload: [paths] and [status] apply only at restart; keeping the running ones")
-            new = dataclasses.replace(new, paths=old.paths, status=old.status)
+        if new.paths != old.paths or new.status != old.status or new.cluster != old.cluster:
+            # The watcher, the job store, the listener and the cluster node were built on
+            # the old ones.
+            log.warning("reload: [paths], [status] and [cluster] apply only at restart; "
+                        "keeping the running ones")
+            new = dataclasses.replace(new, paths=old.paths, status=old.status,
+                                      cluster=old.cluster)
+        if old.cluster.redis and (new.rate != old.rate or new.webhook != old.webhook):
+            error = ("reload: in a cluster [rate] and [webhook] are the same on every node: "
+                     "change them on every node, clear the fingerprint and restart them "
+                     "(README, Running several nodes)")
+            log.error("reload failed, keeping the running config: %s", error)
+            self._reload_done(False, error)
+            systemd.notify("READY=1")
+            return
         if new.workers.count != old.workers.count and \
                 len(self.workers) + new.workers.count > MAX_WORKERS:
             error = (f"reload: [workers] count {new.workers.count} needs that many free worker "
@@ -537,7 +548,8 @@ class Supervisor:
             log.warning("%s", w)
         self.cfg = new
         self.store.keep_sources = new.retention.done_files > 0
-        ratelimit.configure(self.shared, new.rate.limit, new.rate.effective_burst)
+        ratelimit.configure(self.shared, new.rate.limit, new.rate.effective_burst,
+                            leased=bool(new.cluster.redis))
         if new.workers.count != old.workers.count:
             self._replace_generation()
         else:

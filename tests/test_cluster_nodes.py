@@ -13,7 +13,7 @@ from alertd.commands import _UnixHTTPConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.gen_csv import generate
-from tests.helpers import TIMING, get_stats
+from tests.helpers import TIMING, get_stats, post_json
 from tests.procs import ROOT, Alertd, poll, write_config
 from tests.test_status import validate
 
@@ -251,3 +251,27 @@ def test_job_control_from_any_node_acts_on_every_node(tmp_path, mock, redis, ale
     assert s["delivered"] + s["rejected"] == 60_000 and stats["duplicates"] == 0
     text = other.cli("status").stdout
     assert all(n in text for n in NODES), text
+
+
+def test_the_breaker_and_a_reload_are_the_clusters(tmp_path, mock, redis, alertd):
+    port = mock("--mode", "fail")
+    nodes = start_nodes(tmp_path, alertd, port, redis.url, names=("n1", "n2"),
+                        workers={"count": 1}, retry={"max_attempts": 3, "base_delay": 0.01})
+    n1 = nodes["n1"]
+    n1.drop("down.csv", b"user_id\n" + b"".join(b"u%d\n" % i for i in range(2000)))
+    poll(lambda: all(a.status()["breaker"]["state"] == "open" for a in nodes.values()), 30,
+         "the breaker to be open on both nodes")
+    r0, t0 = get_stats(port)["received"], time.monotonic()
+    time.sleep(2.0)  # the window over which the probe rate is measured
+    rate = (get_stats(port)["received"] - r0) / (time.monotonic() - t0)
+    print(f"breaker open on both nodes: {rate:.1f} requests/s at the receiver")
+    assert rate <= 6, rate  # two probes a second per node, nothing else
+    post_json(port, "/control", {"mode": "ok"})
+    [s] = n1.wait_summaries(1, timeout=60)
+    assert s["delivered"] + s["dead"] == 2000 and s["dead"] <= 20
+    # A reload may not change [rate] on one node only: refused, the running config kept.
+    node_config(tmp_path, "n1", port, redis.url, workers={"count": 1},
+                retry={"max_attempts": 3, "base_delay": 0.01}, rate={"limit": 1234})
+    r = n1.cli("reload")
+    assert r.returncode == 1 and "same on every node" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert n1.status()["rate"]["configured_limit"] == 0

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import wal
+from ..breaker import REASON_FAILURES, Breaker
 from ..config import Config
 from ..jobs import partial_counts
 from ..protocol import Chunk, Counts
@@ -36,6 +37,8 @@ from .store import RedisDown, Store
 log = logging.getLogger("alertd.cluster")
 
 TICK = 0.5  # seconds between looks at renewals, reclaims, heartbeats and the planner lock
+BREAKER_POLL = 0.25  # seconds between looks at the cluster's breaker key
+BREAKER_TTL = 2.0  # the key outlives its node's open breaker by this much
 
 
 class ClusterNode:
@@ -96,6 +99,7 @@ class ClusterNode:
         spawn(self._controls(), "cluster control")
         if self.feeder is not None:
             spawn(self._feed(), "cluster budget")
+        spawn(self._breaker(), "cluster breaker")
 
     async def leave(self, planner: str | None = None) -> None:
         """A clean stop: out of the node list at once, and the planner role (`planner`,
@@ -258,6 +262,28 @@ class ClusterNode:
             if not self.planning():  # the planner told its own workers when it applied it
                 for job, action in changes:
                     self.on_control(job, action)
+
+    async def _breaker(self) -> None:
+        """The circuit breaker, cluster-wide: a node whose breaker opened on its own
+        failures keeps a Redis key alive; the others open theirs while it lives (they then
+        send only their own probes, and close on the first that succeeds)."""
+        br, key = Breaker(self.shared), self.store.key("breaker")
+        tripped = False  # opened here because another node's breaker is open
+        while not self.stop.is_set():
+            await asyncio.sleep(BREAKER_POLL)
+            try:
+                if br.is_open and not tripped:
+                    await self.store.call("SET", key, self.node, "PX", int(BREAKER_TTL * 1000))
+                elif not br.is_open:
+                    tripped = False
+                    holder = await self.store.call("GET", key)
+                    if holder and holder != self.node and br.trip(REASON_FAILURES):
+                        tripped = True
+                        log.warning("cluster: breaker opened here too: node %s cannot reach "
+                                    "the endpoint (only probes go out until one succeeds)",
+                                    holder)
+            except RedisDown:
+                pass
 
     async def _feed(self) -> None:
         """Leases into the local bucket; a local 429 pause or adaptive cut goes cluster-wide."""
