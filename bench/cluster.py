@@ -25,11 +25,11 @@ LIMIT = 1_000_000  # far above this machine's rate: the budget is leased, never 
 
 
 def _run(work: Path, csv: Path, rows: int, port: int, nodes: int, redis: RedisServer | None,
-         workers: int) -> dict[str, Any]:
+         workers: int, limit: int) -> dict[str, Any]:
     state = work / "state"
     daemons = []
     for i in range(nodes):
-        sections: dict[str, Any] = {"workers": {"count": workers}, "rate": {"limit": LIMIT},
+        sections: dict[str, Any] = {"workers": {"count": workers}, "rate": {"limit": limit},
                                     "paths": {"state_dir": str(state)}}
         if redis is not None:
             sections["cluster"] = {"redis": redis.url, "node": f"n{i + 1}", "lease": 5.0}
@@ -59,6 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--workers", type=int, default=1, help="workers per node")
+    ap.add_argument("--limit", type=int, default=LIMIT,
+                    help="rate.limit of every run (default: far above what is reached)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="alertd-cluster-bench-") as tmp:
         tmpdir = Path(tmp)
@@ -70,7 +72,7 @@ def main() -> None:
             redis = RedisServer(tmpdir / f"redis-{nodes}-{cluster}").start() if cluster else None
             try:
                 r = _run(tmpdir / f"run-{nodes}-{cluster}", csv, args.rows, port, nodes, redis,
-                         args.workers)
+                         args.workers, args.limit)
                 r["receiver_unique"] = get_stats(port)["unique"]
                 results.append(r)
                 print(r, flush=True)

@@ -149,7 +149,7 @@ def test_redis_killed_mid_job_nothing_is_sent_until_it_is_back(tmp_path, mock, r
     redis.kill9()
 
     def settled() -> int:
-        # Requests in flight, and tokens leased before the kill (two leases of 20 ms of
+        # Requests in flight, and tokens leased before the kill (two leases of 50 ms of
         # the rate per node at most), end within moments: then nothing more may arrive.
         before = get_stats(port)["received"]
         time.sleep(0.3)

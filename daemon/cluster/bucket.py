@@ -20,7 +20,7 @@ from ..ratelimit import CUT_SPACING, DECREASE, HOLD_AFTER_CUT, INCREASE_SHARE, M
 from ..shm import Shared
 from .store import RedisDown, Script, Store
 
-LEASE_SECONDS = 0.02  # a lease is this much of the cluster rate (>= 100 tokens at 5,000/s)
+LEASE_SECONDS = 0.05  # a lease is this much of the cluster rate (300 tokens at 6,000/s)
 PAUSE_POLL = 0.1  # an idle feeder still looks for a cluster pause this often
 IDLE_TTL_MS = 3_600_000  # a bucket nobody leases from for an hour goes away
 

@@ -37,7 +37,7 @@ from .store import RedisDown, Store
 log = logging.getLogger("alertd.cluster")
 
 TICK = 0.5  # seconds between looks at renewals, reclaims, heartbeats and the planner lock
-BREAKER_POLL = 0.25  # seconds between looks at the cluster's breaker key
+BREAKER_POLL = 1.0  # seconds between looks at the cluster's breaker key
 BREAKER_TTL = 2.0  # the key outlives its node's open breaker by this much
 
 
@@ -185,7 +185,7 @@ class ClusterNode:
                     pass
                 continue
             try:
-                got = await self.queue.take(room, block_ms=200)
+                got = await self.queue.take(room, block_ms=500)
             except RedisDown:
                 await asyncio.sleep(0.2)
                 continue

@@ -119,7 +119,7 @@ class Planner:
     async def _acks(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                recs = await self.queue.read_acks(self._acked, 256, block_ms=200)
+                recs = await self.queue.read_acks(self._acked, 256, block_ms=500)
             except RedisDown:
                 await asyncio.sleep(0.2)
                 continue
