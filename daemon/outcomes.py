@@ -32,7 +32,7 @@ class ChunkState:
     """A chunk being delivered: its counts so far and how many rows are still open."""
 
     __slots__ = ("chunk", "counts", "outstanding", "parsed", "rows", "ready", "finished",
-                 "wal_rows")
+                 "wal_rows", "fenced")
 
     def __init__(self, chunk: Chunk, rows: Iterator[tuple[int, bytes]] | Any) -> None:
         self.chunk = chunk
@@ -45,6 +45,7 @@ class ChunkState:
         self.ready: deque[Any] = deque()  # the worker's prepared rows, not yet taken
         self.finished = False
         self.wal_rows: list[rowpath.WalRow] = []  # row records not yet encoded
+        self.fenced = False  # another node owns it now: no record, no ack (cluster mode)
 
 
 class Recorder:
@@ -78,7 +79,18 @@ class Recorder:
             self._reported = key
             self.conn.send(Progress(self.index, counts))
 
+    def fence(self, cs: ChunkState) -> None:
+        """The chunk is another node's now: its records not yet encoded are dropped (the
+        fence comes before any other node may take it, so those already written stand),
+        and it will never have a marker or an ack from here."""
+        cs.fenced = True
+        cs.finished = True
+        cs.wal_rows.clear()
+        self.open.discard(cs)
+
     def reject(self, cs: ChunkState, off: int, line: bytes, reason: str) -> None:
+        if cs.fenced:
+            return
         job, now = cs.chunk.job, time.time()
         text = line[:MAX_LINE_IN_REJECT].decode("utf-8", "replace")
         self.side.write("rejects", job, orjson.dumps(
@@ -93,6 +105,9 @@ class Recorder:
               fields: dict[str, str] | None = None, letter: Letter | None = None) -> None:
         """The row at `off` ends as `outcome` (delivered or dead). A replayed `letter`
         that fails again goes back to the DLQ of its own job, with its id and offset."""
+        if cs.fenced:  # a request that was in flight at the fence: the new owner resends it
+            cs.outstanding -= 1
+            return
         if outcome is Outcome.DEAD:
             job, now = cs.chunk.job, time.time()
             if letter is None:

@@ -100,6 +100,9 @@ class Chunk:
     # Recovery: rows of this chunk that already have a final outcome, and their counts.
     done: frozenset[int] = frozenset()
     prior: Counts = field(default_factory=Counts)
+    # Cluster mode: this node's claim on the chunk (the stream entry's delivery count). A
+    # chunk taken back later is another claim, which an old Fence does not touch.
+    claim: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,17 @@ class Drain:
     """Supervisor -> worker: take no new chunk, finish in flight (or hurry), flush, exit 0."""
 
     hurry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Supervisor -> worker (cluster mode): this node's claim on the chunk lapsed, or may
+    have: another node delivers its rows from now on. Write nothing more for it (requests
+    in flight end without a record) and never ack it."""
+
+    job: str
+    seq: int
+    claim: int
 
 
 JOB_ACTIONS = ("pause", "resume", "cancel")

@@ -37,6 +37,7 @@ from .protocol import (
     ChunkFailed,
     Counts,
     Drain,
+    Fence,
     JobControl,
     Progress,
     Ready,
@@ -122,6 +123,7 @@ class Supervisor:
                                    f"{cfg.cluster.node}:{node.epoch}", cfg.cluster.lease,
                                    lambda: len(node.nodes), self._plan)
             node.on_control = self._tell_workers
+            node.on_fence = self._fence_chunk
             node.planning = lambda: bool(self.planner and self.planner.active)
         else:
             await self._plan(set())
@@ -202,6 +204,16 @@ class Supervisor:
             return self.node.relay.listing
         return None
 
+    def _fence_chunk(self, job_id: str, seq: int, claim: int) -> None:
+        """This node's claim on the chunk lapsed (or may have): the worker holding it
+        writes nothing more for it; the chunk is no longer this node's to track."""
+        for w in self.workers.values():
+            if w.chunks.pop((job_id, seq), None) is not None:
+                try:
+                    w.conn.send(Fence(job_id, seq, claim))
+                except OSError:
+                    pass  # a dying worker writes nothing more anyway
+
     def _tell_workers(self, job_id: str, action: str) -> None:
         for w in self.workers.values():
             try:
@@ -241,7 +253,7 @@ class Supervisor:
             self._task_done(t)
 
     def _task_done(self, t: asyncio.Task[None]) -> None:
-        if t.cancelled():
+        if t.cancelled() or self._stopped.is_set():  # stopping: every task ends now
             return
         exc = t.exception()
         what = f"{type(exc).__name__}: {exc}" if exc is not None else "it returned"
@@ -576,6 +588,8 @@ class Supervisor:
             self._hurry()
             return
         self.draining = True
+        if self.node is not None:
+            self.node.draining = True
         self._claims.stop()
         systemd.notify("STOPPING=1")
         log.info("draining: no new files or chunks; finishing requests in flight")

@@ -26,7 +26,7 @@ from .config import Config
 from .outcomes import ChunkState, Recorder
 from .payload import Payloads
 from .policy import Action, Decision
-from .protocol import Chunk, ChunkFailed, Drain, JobControl, Outcome, Ready, Reload
+from .protocol import Chunk, ChunkFailed, Drain, Fence, JobControl, Outcome, Ready, Reload
 from .ratelimit import TokenBudget
 from .shm import Shared
 from .sidelog import SideLog
@@ -81,6 +81,7 @@ class Worker:
         self._cur: ChunkState | None = None
         self._paused: set[str] = set()  # jobs whose rows are held
         self._cancelled: set[str] = set()  # jobs whose unsent rows are dropped
+        self._fenced: set[tuple[str, int, int]] = set()  # claims another node took over
         self._parked: list[ChunkState] = []  # partly read chunks of paused (or resumed) jobs
         self._held: dict[str, list[_Alert]] = {}  # paused jobs' rows that await a retry
         self._retries: list[tuple[float, int, _Alert]] = []  # (due, tiebreak, alert)
@@ -172,6 +173,8 @@ class Worker:
             self._drain(msg.hurry)
         elif isinstance(msg, JobControl):
             self._job_control(msg.job, msg.action)
+        elif isinstance(msg, Fence):
+            self._fence(msg.job, msg.seq, msg.claim)
 
     def _job_control(self, job: str, action: str) -> None:
         if action == "pause":
@@ -219,6 +222,48 @@ class Worker:
             self._drop(a)
         for cs in states:
             self.outcomes.finish_if_done(cs)
+
+    def _fence(self, job: str, seq: int, claim: int) -> None:
+        """Another node owns the chunk now: drop what is left of it here, unrecorded."""
+        key = (job, seq, claim)
+
+        def ours(cs: ChunkState) -> bool:
+            c = cs.chunk
+            return (c.job, c.seq, c.claim) == key
+        self._fenced.add(key)  # its requests in flight end unrecorded too
+        states = [cs for cs in self._parked if ours(cs)]
+        self._parked = [cs for cs in self._parked if not ours(cs)]
+        if self._cur is not None and ours(self._cur):
+            states.append(self._cur)
+            self._cur = None
+        self._chunks = deque(c for c in self._chunks if (c.job, c.seq, c.claim) != key)
+        waiting = [e[2] for e in self._retries if ours(e[2].cs)]
+        if waiting:
+            self._retries = [e for e in self._retries if not ours(e[2].cs)]
+            heapq.heapify(self._retries)
+        held = self._held.get(job, [])
+        if held:
+            waiting += [a for a in held if ours(a.cs)]
+            self._held[job] = [a for a in held if not ours(a.cs)]
+        for cs in states + [a.cs for a in waiting]:
+            cs.rows = None
+            cs.ready.clear()
+            cs.parsed = True
+            self.outcomes.fence(cs)
+        for a in waiting:
+            self._drop(a)
+        log.warning("worker %d: %s chunk %d fenced: this node's claim lapsed, another node "
+                    "delivers it", self.index, job, seq)
+
+    def _is_fenced(self, a: _Alert) -> bool:
+        """Whether the row's chunk was fenced (a chunk whose rows were all in flight at the
+        fence is marked on its first row that comes back)."""
+        cs = a.cs
+        if not cs.fenced and self._fenced:
+            c = cs.chunk
+            if (c.job, c.seq, c.claim) in self._fenced:
+                self.outcomes.fence(cs)
+        return cs.fenced
 
     def _drop(self, a: _Alert) -> None:
         """A cancelled job's row that will not be sent again: no record of its own."""
@@ -453,6 +498,9 @@ class Worker:
     # ------------------------------------------------------------ sending
 
     async def _attempt(self, a: _Alert) -> None:
+        if self._fenced and self._is_fenced(a):
+            self._drop(a)  # another node sends it now
+            return
         gate = self.breaker.admit()
         if gate is Gate.HOLD:
             self._hold(a)
@@ -460,7 +508,8 @@ class Worker:
         if not self.budget.try_take():
             await self.budget.acquire()
             job = a.cs.chunk.job
-            if gate is not Gate.PROBE and (job in self._paused or job in self._cancelled):
+            if gate is not Gate.PROBE and (job in self._paused or job in self._cancelled
+                                           or self._is_fenced(a)):
                 self._push(a, time.monotonic())  # paused or cancelled while waiting: not sent
                 return
         if a.attempts:
@@ -584,7 +633,7 @@ class Worker:
 
     def _push(self, a: _Alert, due: float) -> None:
         job = a.cs.chunk.job
-        if job in self._cancelled:
+        if job in self._cancelled or self._is_fenced(a):
             self._drop(a)
             return
         if job in self._paused:
@@ -599,6 +648,7 @@ class Worker:
     def _final(self, a: _Alert, outcome: Outcome, status: int, err: str | None) -> None:
         a.busy = False
         self._pending -= 1
+        self._is_fenced(a)  # then outcomes.final records nothing for it
         self.outcomes.final(a.cs, a.off, a.uid, a.msg, a.attempts, a.dup, outcome, status, err,
                             a.fields, a.letter)
 

@@ -37,6 +37,8 @@ from .store import RedisDown, Store
 log = logging.getLogger("alertd.cluster")
 
 TICK = 0.5  # seconds between looks at renewals, reclaims, heartbeats and the planner lock
+FENCE_AFTER = 0.8  # x lease: a claim not confirmed for this long is fenced here
+WATCH = 0.25  # seconds between looks for such claims
 BREAKER_POLL = 1.0  # seconds between looks at the cluster's breaker key
 BREAKER_TTL = 2.0  # the key outlives its node's open breaker by this much
 
@@ -67,8 +69,16 @@ class ClusterNode:
         self._wake = wake  # the supervisor hands chunks out (its _pump)
         self._buffer: deque[tuple[Taken, Chunk]] = deque()
         self._held: dict[tuple[str, int], Taken] = {}
+        # Entry id -> time.monotonic() a request that confirmed this node's claim was sent
+        # (the take, or the last renewal that found it ours). Past FENCE_AFTER x lease, the
+        # claim may be another node's soon: fenced here before it can be.
+        self._since: dict[str, float] = {}
+        self._fenced_out = False  # claims fenced locally: take back those still ours
+        # The supervisor tells the worker holding (job, seq) under claim `claim` to stop.
+        self.on_fence: Callable[[str, int, int], None] = lambda job, seq, claim: None
         self._more = asyncio.Event()
         self.stop = asyncio.Event()
+        self.draining = False  # stopping: take no new chunk (the others get what is left)
         self.epoch = 0
         self.nodes: list[NodeInfo] = []
         self.fenced = 0  # chunks whose claim lapsed before their ack: the rows are another's
@@ -96,7 +106,9 @@ class ClusterNode:
     def start(self, spawn: Callable[[Any, str], None]) -> None:
         spawn(self._consume(), "cluster chunks")
         spawn(self._upkeep(), "cluster upkeep")
+        spawn(self._renew(), "cluster renewals")
         spawn(self._controls(), "cluster control")
+        spawn(self._watch(), "cluster fencing")
         if self.feeder is not None:
             spawn(self._feed(), "cluster budget")
         spawn(self._breaker(), "cluster breaker")
@@ -104,6 +116,8 @@ class ClusterNode:
     async def leave(self, planner: str | None = None) -> None:
         """A clean stop: out of the node list at once, and the planner role (`planner`,
         its holder) free for another node without waiting out the lease."""
+        if self._tasks:  # acks of chunks finished while draining: their outcomes are fsynced
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         self.stop.set()
         try:
             await self.registry.leave(self.node)
@@ -137,12 +151,14 @@ class ClusterNode:
         """A worker's ChunkAck: the chunk's outcomes are fsynced in this node's WAL."""
         taken = self._held.pop((job, seq), None)
         if taken is not None:
+            self._since.pop(taken.id, None)
             self._later(self._ack(taken, {"job": job, "seq": str(seq), "node": self.node,
                                           **{k: str(v) for k, v in counts.as_dict().items()}}))
 
     def chunk_failed(self, job: str, seq: int, reason: str) -> None:
         taken = self._held.pop((job, seq), None)
         if taken is not None:
+            self._since.pop(taken.id, None)
             self._later(self._ack(taken, {"job": job, "seq": str(seq), "node": self.node,
                                           "failed": reason}))
 
@@ -176,7 +192,7 @@ class ClusterNode:
 
     async def _consume(self) -> None:
         while not self.stop.is_set():
-            room = self._want() - len(self._buffer)
+            room = 0 if self.draining else self._want() - len(self._buffer)
             if room <= 0:
                 self._more.clear()
                 try:
@@ -184,12 +200,14 @@ class ClusterNode:
                 except TimeoutError:
                     pass
                 continue
+            sent = time.monotonic()
             try:
                 got = await self.queue.take(room, block_ms=500)
             except RedisDown:
                 await asyncio.sleep(0.2)
                 continue
             for t in got:
+                self._since[t.id] = sent
                 await self._take(t, from_fields(t.fields, self.state_dir))
             if got:
                 self._wake()
@@ -198,6 +216,8 @@ class ClusterNode:
         """Buffer a chunk; one delivered before (reclaimed, adopted, re-run: `settled` or a
         later claim) first learns from the WALs which of its rows are settled, or is
         acked at once if all are."""
+        chunk = dataclasses.replace(chunk, claim=taken.epoch)
+        self._since.setdefault(taken.id, time.monotonic())
         if settled or taken.epoch > 1:
             loop = asyncio.get_running_loop()
             rec = (await loop.run_in_executor(None, wal.recover, self.state_dir / "wal",
@@ -211,6 +231,37 @@ class ClusterNode:
                 chunk = dataclasses.replace(chunk, done=done, prior=prior)
         self._buffer.append((taken, chunk))
 
+    async def _renew(self) -> None:
+        """Every lease/6 (at least 0.5 s): renew the claims this node holds or buffers, so
+        a long chunk is never taken from a live node, and learn of those it lost."""
+        every = max(0.5, self.lease / 6)
+        while not self.stop.is_set():
+            await asyncio.sleep(every)
+            try:
+                mine = list(self._held.values()) + [t for t, _ in self._buffer]
+                sent = time.monotonic()
+                lost = []
+                for t, ok in zip(mine, await self.queue.renew(mine)):
+                    if ok:
+                        self._since[t.id] = sent
+                    else:
+                        lost.append(t.id)
+                if lost:  # taken over while this node was cut off
+                    log.warning("cluster: %d chunks held here were taken over by another node",
+                                len(lost))
+                    self._fence(set(lost))
+                if self._fenced_out:  # what it fenced but Redis still says is its own
+                    keep = [t.id for t in self._held.values()] + [t.id for t, _ in self._buffer]
+                    back = await self.queue.adopt_own(keep=keep)
+                    self._fenced_out = False  # only once Redis answered
+                    for t in back:
+                        await self._take(t, from_fields(t.fields, self.state_dir), settled=True)
+                    if back:
+                        log.info("cluster: took back %d chunks still this node's", len(back))
+                        self._wake()
+            except RedisDown as e:
+                log.debug("cluster renew: %s", e)
+
     async def _upkeep(self) -> None:
         every = max(1.0, self.lease / 3)
         last = 0.0
@@ -223,17 +274,14 @@ class ClusterNode:
             try:
                 if not self.epoch:
                     await self.join()
-                mine = list(self._held.values()) + [t for t, _ in self._buffer]
-                lost = [not ok for ok in await self.queue.renew(mine)]
-                if any(lost):  # taken over while this node was cut off: their acks fail
-                    log.warning("cluster: %d chunks held here were taken over by another node",
-                                sum(lost))
                 # Reclaim only from a node whose heartbeat lapsed, and never in the first
                 # lease after Redis came back: every entry and heartbeat looks idle then,
                 # though their nodes are alive and about to renew them.
-                lapsed = [n.name for n in self.nodes if n.age > self.lease and n.name != self.node]
-                got = [] if now < self._grace_until else \
-                    await self.queue.reclaim_from(lapsed, int(self.lease * 1000), 64)
+                alive = {n.name for n in self.nodes if n.age <= self.lease}
+                lapsed = [] if now < self._grace_until else [
+                    c for c, pending in (await self.queue.consumers()).items()
+                    if pending and c not in alive and c != self.node]
+                got = await self.queue.reclaim_from(lapsed, int(self.lease * 1000), 64)
                 for t in got:
                     log.warning("cluster: took over %s chunk %s from a node that stopped "
                                 "renewing it", t.fields.get("job"), t.fields.get("seq"))
@@ -249,6 +297,31 @@ class ClusterNode:
             except RedisDown as e:
                 log.debug("cluster upkeep: %s", e)
                 self._grace_until = time.monotonic() + self.lease + every
+
+    async def _watch(self) -> None:
+        """Fence every claim not confirmed for FENCE_AFTER x lease: by then another node
+        may take it over (it needs `lease` of idle time by Redis's clock, counted from a
+        renewal Redis ran after it was sent), so this node writes nothing more for it."""
+        while not self.stop.is_set():
+            await asyncio.sleep(WATCH)
+            limit = time.monotonic() - FENCE_AFTER * self.lease
+            old = {i for i, t in self._since.items() if t < limit}
+            if old:
+                log.warning("cluster: no renewal confirmed for %.1f s (Redis unreachable?): "
+                            "fencing %d claims", FENCE_AFTER * self.lease, len(old))
+                self._fence(old)
+
+    def _fence(self, ids: set[str]) -> None:
+        """Stop working on these claims: the workers drop their chunks unrecorded; the
+        buffered ones go. Whatever is still this node's is claimed anew later."""
+        for key, t in list(self._held.items()):
+            if t.id in ids:
+                del self._held[key]
+                self.on_fence(key[0], key[1], t.epoch)
+        self._buffer = deque((t, c) for t, c in self._buffer if t.id not in ids)
+        for i in ids:
+            self._since.pop(i, None)
+        self._fenced_out = True
 
     async def _controls(self) -> None:
         """Twice a second: job control announced by the planner reaches this node's

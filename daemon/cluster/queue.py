@@ -10,6 +10,7 @@ It never reads a spool file and never decides what a chunk's rows mean.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,11 +86,15 @@ return out
 # ARGV[2] consumer, ARGV[3] count: this node's own pending entries (a restart of the
 # node), claimed again so their epochs move on and the old process is fenced out.
 _ADOPT = Script("""
+local skip = {}
+for i = 4, #ARGV do skip[ARGV[i]] = true end
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
 local out = {}
 for _, e in ipairs(p) do
-  local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1])
-  if c[1] and c[1][2] then out[#out + 1] = {c[1][1], c[1][2], e[4] + 1} end
+  if not skip[e[1]] then
+    local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1])
+    if c[1] and c[1][2] then out[#out + 1] = {c[1][1], c[1][2], e[4] + 1} end
+  end
 end
 return out
 """)
@@ -274,9 +279,22 @@ class ChunkQueue:
                               [GROUP, self.node, min_idle_ms, count, *nodes])
         return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r]
 
-    async def adopt_own(self, count: int = 1000) -> list[Taken]:
-        """After a restart: claim what this node's previous run held, fencing it out."""
-        r = await self._again(self.store.script, _ADOPT, [self.key], [GROUP, self.node, count])
+    async def consumers(self) -> dict[str, int]:
+        """Every consumer of the group with its count of pending entries: a node that
+        left, or whose heartbeat expired long ago, still holds entries here."""
+        r = await self._again(self.store.call, "XINFO", "CONSUMERS", self.key, GROUP)
+        out = {}
+        for c in r or []:
+            d = c if isinstance(c, dict) else dict(zip(c[::2], c[1::2]))
+            out[str(d["name"])] = int(d["pending"])
+        return out
+
+    async def adopt_own(self, count: int = 1000, keep: Iterable[str] = ()) -> list[Taken]:
+        """After a restart, or after this node fenced its chunks: claim again what is
+        still this node's in Redis (a new claim, fencing the old one out), but for the
+        entries in `keep` (claims it still works on)."""
+        r = await self._again(self.store.script, _ADOPT, [self.key],
+                              [GROUP, self.node, count, *keep])
         return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r]
 
     async def backlog(self) -> int:
