@@ -253,7 +253,7 @@ class ChunkQueue:
         return r == [1]
 
     async def renew(self, held: list[Taken]) -> list[bool]:
-        """Reset the idle time of the entries this node still owns (call every lease/3);
+        """Reset the idle time of the entries this node still owns (call every lease/6);
         False for each one it lost."""
         if not held:
             return []
