@@ -21,6 +21,12 @@ $(STAMP): requirements.txt pyproject.toml setup.py
 
 # The compiled row path, rebuilt in place (daemon/rowpath/_fast.*.so) when its source changes.
 $(ROWPATH_STAMP): $(ROWPATH_SRC) setup.py $(STAMP)
+	@# Its C headers: OpenSSL (HMAC-SHA256), zlib (CRC32) and Python's, from apt when missing.
+	@[ -f /usr/include/openssl/sha.h ] && [ -f /usr/include/zlib.h ] && \
+	  $(PY) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || { \
+	  echo "install: installing libssl-dev, zlib1g-dev and python3-dev with apt-get (the compiled row path)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev zlib1g-dev python3-dev >/dev/null; }
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import alertd.rowpath as r; assert r.IMPL == 'compiled', 'row path not compiled'"
 	touch $(ROWPATH_STAMP)

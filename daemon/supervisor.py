@@ -179,14 +179,14 @@ class Supervisor:
                      priority: str | None) -> tuple[int, dict[str, Any]]:
         """Another node's job-control request, answered as the API would."""
         try:
-            view = await self.control_job(job_id, action, priority)
+            doc = await self.control_job(job_id, action, priority)
         except NoSuchJob as e:
             return 404, {"error": str(e)}
         except NotAllowed as e:
             return 409, {"error": str(e)}
         except ValueError as e:
             return 400, {"error": str(e)}
-        return 200, view
+        return 200, doc
 
     async def _show_jobs(self) -> None:
         assert self.node is not None

@@ -33,6 +33,13 @@ def start_nodes(tmp_path: Path, alertd, port: int, redis_url: str, names=NODES,
     return {n: alertd(node_config(tmp_path, n, port, redis_url, **sections)) for n in names}
 
 
+def planner_of(nodes: dict[str, Alertd], but: str = "") -> str:
+    """The name of the node that plans (not `but`), once there is one."""
+    return poll(lambda: next((n for n, a in nodes.items()
+                              if n != but and a.status()["cluster"]["planner"]), None), 30,
+                "a planner")
+
+
 def _get(a: Alertd, path: str, want: int = 200) -> str:
     conn = _UnixHTTPConnection(str(a.cfg.node_dir / "alertd.sock"), 5)
     try:
@@ -201,8 +208,7 @@ def test_kill9_of_the_planner_another_node_takes_its_role(tmp_path, mock, redis,
     port = mock()
     nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
                         rate={"limit": limit})
-    planner = poll(lambda: next((n for n, a in nodes.items()
-                                 if a.status()["cluster"]["planner"]), None), 30, "a planner")
+    planner = planner_of(nodes)
     p = nodes[planner]
     generate(str(tmp_path / "big.csv"), rows, seed=15)
     p.drop_link(tmp_path / "big.csv", "big.csv")
@@ -228,8 +234,7 @@ def test_job_control_from_any_node_acts_on_every_node(tmp_path, mock, redis, ale
     port = mock()
     nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
                         rate={"limit": 3000})
-    planner = poll(lambda: next((n for n, a in nodes.items()
-                                 if a.status()["cluster"]["planner"]), None), 30, "a planner")
+    planner = planner_of(nodes)
     other = nodes[next(n for n in NODES if n != planner)]
     generate(str(tmp_path / "big.csv"), 60_000, seed=16)
     other.drop_link(tmp_path / "big.csv", "big.csv")
@@ -282,8 +287,7 @@ def test_a_node_stopped_mid_job_leaves_its_chunks_to_the_others(tmp_path, mock, 
     port = mock()
     nodes = start_nodes(tmp_path, alertd, port, redis.url, workers={"count": 1},
                         rate={"limit": limit})
-    planner = poll(lambda: next((n for n, a in nodes.items()
-                                 if a.status()["cluster"]["planner"]), None), 30, "a planner")
+    planner = planner_of(nodes)
     leaving = nodes[next(n for n in NODES if n != planner)]
     generate(str(tmp_path / "big.csv"), rows, seed=17)
     nodes[planner].drop_link(tmp_path / "big.csv", "big.csv")
@@ -370,14 +374,12 @@ def test_a_node_cut_off_from_redis_writes_nothing_for_chunks_taken_from_it(
     nodes = {n: alertd(node_config(tmp_path, n, port, via if n == "n2" else redis.url,
                                    workers={"count": 1, "concurrency": 32}))
              for n in NODES}
-    planner = poll(lambda: next((n for n, a in nodes.items()
-                                 if a.status()["cluster"]["planner"]), None), 30, "a planner")
+    planner = planner_of(nodes)
     n2 = nodes["n2"]
     if planner == "n2":  # the cut node must not be the planner: restart it as a worker node
         n2.stop()
         n2.start()
-        planner = poll(lambda: next((n for n, a in nodes.items() if n != "n2" and
-                                     a.status()["cluster"]["planner"]), None), 30, "a planner")
+        planner = planner_of(nodes, but="n2")
     generate(str(tmp_path / "big.csv"), rows, seed=18)
     nodes[planner].drop_link(tmp_path / "big.csv", "big.csv")
     poll(lambda: n2.status()["workers"][0]["chunks"] > 0 and get_stats(port)["unique"] > 3000,
