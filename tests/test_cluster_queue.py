@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from alertd.cluster.descriptor import from_fields, to_fields
-from alertd.cluster.queue import ChunkQueue, PlanStep, Taken
+from alertd.cluster.queue import ChunkQueue, Taken
 from alertd.cluster.store import RedisDown, Store
 from alertd.protocol import Chunk, CsvLayout
 
@@ -76,13 +76,13 @@ def test_a_dead_nodes_chunks_are_reclaimed_and_it_is_fenced_out(redis):
         held_a = await a.take(5)
         held_c = await c.take(1)
         assert len(held_a) == 5 and len(held_c) == 1 and held_a[0].epoch == 1
-        assert await b.reclaim(400, 10) == []  # not idle long enough yet
+        assert await b.reclaim_from(["a", "c"], 400, 10) == []  # not idle long enough yet
         # c renews its claim while it works; a has died and renews nothing.
         got: list[Taken] = []
 
         async def b_reclaims() -> bool:
             assert await c.renew(held_c) == [True]
-            got.extend(await b.reclaim(400, 10))
+            got.extend(await b.reclaim_from(["a", "c"], 400, 10))
             return len(got) >= 5
         await _until(b_reclaims, 5, "b to reclaim a's entries")
         assert sorted(t.id for t in got) == sorted(t.id for t in held_a)  # not c's
@@ -175,26 +175,20 @@ def test_kill9_and_restart_on_the_aof_keeps_acks_and_pending(redis):
     asyncio.run(run())
 
 
-def test_planning_is_fenced_by_the_planner_lock(redis):
+def test_the_planner_lock_has_one_holder_until_it_lapses_or_is_released(redis):
     async def run() -> None:
         s = Store(redis.url)
         q = ChunkQueue(s, "a")
-        await q.ensure_group()
-        state = await q.claim_planning("j000007", "a#1", 300)
-        assert state is not None and state.offset is None and state.seq == 0
-        assert await q.claim_planning("j000007", "b#1", 300) is None
-        assert await q.publish(_desc(0), PlanStep("j000007", "a#1", 1000, 1))
-        # a's planner stalls past its lock; b takes over from a's recorded progress.
-        state = await _until(lambda: q.claim_planning("j000007", "b#1", 300), 3,
-                             "the planner lock to lapse")
-        assert (state.offset, state.seq, state.done) == (1000, 1, False)
-        assert await q.publish(_desc(1), PlanStep("j000007", "a#1", 2000, 2)) is None
-        assert await q.backlog() == 1  # a's late chunk was not added
-        assert await q.publish(_desc(1), PlanStep("j000007", "b#1", 2000, 2, True))
-        assert await q.plan_progress(PlanStep("j000007", "b#1", 2000, 2, True))
-        await q.release_planning("j000007", "b#1")
-        state = await q.claim_planning("j000007", "c#1", 300)
-        assert state is not None and state.done
+        assert await q.claim_lock("*", "a#1", 300)
+        assert await q.claim_lock("*", "a#1", 300)  # renewed by its holder
+        assert not await q.claim_lock("*", "b#1", 300)
+        # a stalls past the lock's time to live: b takes the role.
+        await _until(lambda: q.claim_lock("*", "b#1", 300), 3, "the planner lock to lapse")
+        assert not await q.claim_lock("*", "a#1", 300)  # a finds out: it must not plan on
+        await q.release_lock("*", "a#1")  # only its holder can release it
+        assert not await q.claim_lock("*", "c#1", 300)
+        await q.release_lock("*", "b#1")
+        assert await q.claim_lock("*", "c#1", 300)
         await s.close()
     asyncio.run(run())
 

@@ -122,7 +122,7 @@ class ClusterNode:
         try:
             await self.registry.leave(self.node)
             if planner is not None:
-                await self.queue.release_planning(ROLE, planner)
+                await self.queue.release_lock(ROLE, planner)
         except RedisDown:
             pass
         await self.store.close()

@@ -59,18 +59,17 @@ class Planner:
                 await asyncio.sleep(1.0)
                 continue
             try:
-                got = await self.queue.claim_planning(ROLE, self.holder, int(self.lease * 1000))
+                mine = await self.queue.claim_lock(ROLE, self.holder, int(self.lease * 1000))
             except RedisDown:
-                got = None if not self.active else True
                 if not self.active:
                     quiet_until = loop.time() + 2 * self.lease
                 await asyncio.sleep(0.5)
                 continue
-            if got is None and self.active:
+            if not mine and self.active:
                 # Another node holds the role: a second planner would publish twice.
                 raise RuntimeError("the planner role was taken over by another node while "
                                    "this one held it (Redis unreachable longer than the lease?)")
-            if got is not None and not self.active:
+            if mine and not self.active:
                 try:
                     await self._take_role()
                 except RedisDown:

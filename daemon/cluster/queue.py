@@ -1,9 +1,9 @@
 """The cluster's chunk queue: one Redis stream, one consumer group, one consumer per node.
 
-A chunk descriptor is published once (by the job's planner, fenced by its planner lock,
-atomically with the job's planning progress), taken by one node (XREADGROUP), renewed
-while it works, acknowledged only once its outcomes are fsynced (XACK + XDEL), and
-reclaimed by another node (XAUTOCLAIM) when its owner stopped renewing. The fencing
+A chunk descriptor is published once (by the planner, the holder of the planner lock),
+taken by one node (XREADGROUP), renewed while it works, acknowledged only once its
+outcomes are fsynced (XACK + XDEL), and claimed by another node (XPENDING IDLE + XCLAIM)
+when its node's heartbeat lapsed and it stopped renewing. The fencing
 token of a claim is Redis's own delivery count: every claim increments it, so `(node,
 epoch)` names one claim, and a node whose claim lapsed finds out before it writes.
 It never reads a spool file and never decides what a chunk's rows mean.
@@ -58,18 +58,6 @@ if #ARGV > 4 then
 end
 return 1
 """.replace("ARGV_MAXLEN", "100000"))
-# ARGV[3] min idle ms, ARGV[4] start id, ARGV[5] count -> {next start, {{id, fields, epoch}}}.
-_RECLAIM = Script("""
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local out = {}
-for _, e in ipairs(r[2]) do
-  if e and e[2] then  -- Redis 6.2 lists entries deleted from the stream with nil fields
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-    out[#out + 1] = {e[1], e[2], p[1][4]}
-  end
-end
-return {r[1], out}
-""")
 # ARGV[2] claimer, ARGV[3] min idle ms, ARGV[4] count, ARGV[5..] consumers whose node
 # lapsed -> {{id, fields, epoch}}: only their entries, never a live node's late renewal.
 _RECLAIM_FROM = Script("""
@@ -98,21 +86,12 @@ for _, e in ipairs(p) do
 end
 return out
 """)
-# KEYS: stream, planner lock, plan hash. ARGV: holder, offset, seq, done, fields...
-_PUBLISH = Script("""
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
-local id = false
-if #ARGV > 4 then id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5)) end
-redis.call('HSET', KEYS[3], 'offset', ARGV[2], 'seq', ARGV[3], 'done', ARGV[4])
-return id or ''
-""")
-# KEYS: planner lock, plan hash. ARGV: holder, ttl ms. Takes or renews the lock.
-_PLANNER = Script("""
+# KEYS: the lock. ARGV: holder, ttl ms. Takes or renews it; 1 if it is the holder's.
+_LOCK = Script("""
 local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return false end
+if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local h = redis.call('HMGET', KEYS[2], 'offset', 'seq', 'done')
-return {h[1] or '', h[2] or '', h[3] or ''}
+return 1
 """)
 
 
@@ -125,34 +104,12 @@ class Taken:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class PlanState:
-    """How far a job's planning got (None: not started)."""
-
-    offset: int | None
-    seq: int
-    done: bool
-
-
-@dataclass(frozen=True, slots=True)
-class PlanStep:
-    """Planning progress published with a chunk: after it, plan from `offset` as chunk
-    `seq`; `done`: the file is planned to its end."""
-
-    job: str
-    holder: str
-    offset: int
-    seq: int
-    done: bool = False
-
-
 class ChunkQueue:
     def __init__(self, store: Store, node: str, name: str = "chunks") -> None:
         self.store = store
         self.node = node
         self.key = store.key(name)
         self.acks_key = store.key(name, "acks")
-        self._cursor = "0-0"  # XAUTOCLAIM's scan position, kept between calls
 
     async def ensure_group(self) -> None:
         """The group exists (created with its stream). From id 0: after a lost group,
@@ -176,41 +133,20 @@ class ChunkQueue:
 
     # ------------------------------------------------------------ publishing
 
-    async def publish(self, fields: dict[str, str], plan: PlanStep | None = None) -> str | None:
-        """Add a chunk descriptor; with `plan`, only while `plan.holder` holds the job's
-        planner lock, in one step with the progress. None: the lock is someone else's."""
-        if plan is None:
-            return await self.store.call("XADD", self.key, "*", *_flat(fields))
-        return await self._publish(plan, _flat(fields))
+    async def publish(self, fields: dict[str, str]) -> str:
+        """Add a chunk descriptor (the planner, which holds the planner lock, does)."""
+        return await self.store.call("XADD", self.key, "*", *_flat(fields))
 
-    async def plan_progress(self, plan: PlanStep) -> bool:
-        """Record progress without a chunk (e.g. `done` after the last one)."""
-        return await self._publish(plan, []) is not None
+    async def claim_lock(self, name: str, holder: str, ttl_ms: int) -> bool:
+        """Take (or renew) the lock `name` for `holder` for `ttl_ms`; False if another
+        holder has it (the planner role is one such lock)."""
+        return await self.store.script(_LOCK, [self._lock(name)], [holder, ttl_ms]) == 1
 
-    async def _publish(self, plan: PlanStep, flat: list[str]) -> str | None:
-        r = await self.store.script(
-            _PUBLISH, [self.key, self._planner(plan.job), self._plan(plan.job)],
-            [plan.holder, plan.offset, plan.seq, int(plan.done), *flat])
-        return None if r is None else r
+    async def release_lock(self, name: str, holder: str) -> None:
+        await self.store.script(_RELEASE, [self._lock(name)], [holder])
 
-    async def claim_planning(self, job: str, holder: str, ttl_ms: int) -> PlanState | None:
-        """Take (or renew) the job's planner lock; the progress to resume from, or None
-        if another holder has it."""
-        r = await self.store.script(_PLANNER, [self._planner(job), self._plan(job)],
-                                    [holder, ttl_ms])
-        if r is None:
-            return None
-        offset, seq, done = r
-        return PlanState(int(offset) if offset else None, int(seq or 0), done == "1")
-
-    async def release_planning(self, job: str, holder: str) -> None:
-        await self.store.script(_RELEASE, [self._planner(job)], [holder])
-
-    def _planner(self, job: str) -> str:
-        return self.store.key("planner", job)
-
-    def _plan(self, job: str) -> str:
-        return self.store.key("plan", job)
+    def _lock(self, name: str) -> str:
+        return self.store.key("planner", name)
 
     # ------------------------------------------------------------ consuming
 
@@ -262,13 +198,6 @@ class ChunkQueue:
             args += [t.id, t.epoch]
         r = await self._again(self.store.script, _RENEW, [self.key], args)
         return [x == 1 for x in r]
-
-    async def reclaim(self, min_idle_ms: int, count: int) -> list[Taken]:
-        """Claim up to `count` entries nobody renewed for `min_idle_ms` (their node lapsed)."""
-        r = await self._again(self.store.script, _RECLAIM, [self.key],
-                              [GROUP, self.node, min_idle_ms, self._cursor, count])
-        self._cursor = r[0]
-        return [Taken(i, _fields(f), int(epoch)) for i, f, epoch in r[1]]
 
     async def reclaim_from(self, nodes: list[str], min_idle_ms: int, count: int) -> list[Taken]:
         """Claim up to `count` entries per node of `nodes` (their heartbeat lapsed) that

@@ -1,44 +1,13 @@
-"""Cluster-wide job ids, the job registry and its control state, and node heartbeats.
-
-Job ids come from one Redis counter, never below the floor a node's state dir already
-holds. Control (pause, resume, cancel, priority) is written here by whichever node got
-the command and bumps one counter, so every node polls a single cheap GET. Heartbeat
-ages are computed from Redis TIME. It never touches the state directory.
+"""Node heartbeats: every node's name, pid, run number, rate and workers, with ages
+computed from Redis TIME (the one clock all nodes agree on). Job control across nodes
+is relay.py's. It never touches the state directory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ..protocol import Counts
 from .store import Script, Store
 
-FINAL = ("complete", "failed", "cancelled")
-PRIORITIES = ("high", "normal", "low")
-
-_NEXT_ID = Script("""
-local floor = tonumber(ARGV[1])
-if (tonumber(redis.call('GET', KEYS[1])) or 0) < floor then redis.call('SET', KEYS[1], floor) end
-return redis.call('INCR', KEYS[1])
-""")
-# KEYS: job hash, control hash, version. ARGV: job, action, priority.
-# -> {version, state}; version -1: no such job, -2: not allowed in `state`.
-_CONTROL = Script("""
-local state, prio = unpack(redis.call('HMGET', KEYS[1], 'state', 'priority'))
-if not state then return {-1, ''} end
-local a = ARGV[2]
-local final = state == 'complete' or state == 'failed' or state == 'cancelled'
-if final or (a == 'pause' and state == 'paused') or (a == 'resume' and state ~= 'paused') then
-  return {-2, state}
-end
-if a == 'pause' then state = 'paused'
-elseif a == 'resume' then state = 'running'
-elseif a == 'cancel' then state = 'cancelled'
-else prio = ARGV[3] end
-redis.call('HSET', KEYS[1], 'state', state, 'priority', prio)
-redis.call('HSET', KEYS[2], ARGV[1], state .. ':' .. prio)
-return {redis.call('INCR', KEYS[3]), state}
-""")
 # KEYS: node hash, node set. ARGV: name, pid, rate, workers, ttl ms, epoch.
 _HEARTBEAT = Script("""
 local t = redis.call('TIME')
@@ -60,14 +29,6 @@ return out
 """)
 
 
-class UnknownJob(Exception):
-    """No job with this id in the cluster's registry."""
-
-
-class ControlRefused(Exception):
-    """The job cannot take this action in its state; the message says why."""
-
-
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
     name: str
@@ -81,83 +42,6 @@ class NodeInfo:
 class Registry:
     def __init__(self, store: Store) -> None:
         self.store = store
-
-    # ------------------------------------------------------------ job ids
-
-    async def next_job_id(self, floor: int = 0) -> str:
-        """A new id, unique in the cluster and above `floor` (the largest id this node's
-        state dir already holds, so ids from before cluster mode are never reused)."""
-        n = await self.store.script(_NEXT_ID, [self.store.key("jobseq")], [floor])
-        return f"j{int(n):06d}"
-
-    # ------------------------------------------------------------ registry
-
-    def _job(self, job_id: str) -> str:
-        return self.store.key("job", job_id)
-
-    async def register(self, job_id: str, file: str, owner: str, priority: str = "normal",
-                       state: str = "queued", **extra: Any) -> None:
-        """A claimed job joins the registry (and the control map every node polls)."""
-        fields = {"job": job_id, "file": file, "owner": owner, "priority": priority,
-                  "state": state, **{k: str(v) for k, v in extra.items()}}
-        await self.store.pipeline([
-            ("HSET", self._job(job_id), *[x for kv in fields.items() for x in kv]),
-            ("ZADD", self.store.key("jobs"), int(job_id[1:]), job_id),
-            ("HSET", self.store.key("control"), job_id, f"{state}:{priority}"),
-            ("INCR", self.store.key("control_version"))])
-
-    async def update(self, job_id: str, counts: Counts | None = None, **fields: Any) -> None:
-        """Counts summary or other fields (rows known, planner...) of a job."""
-        flat = {k: str(v) for k, v in fields.items()}
-        if counts is not None:
-            flat.update({k: str(v) for k, v in counts.as_dict().items()})
-        if flat:
-            await self.store.call("HSET", self._job(job_id), *[x for kv in flat.items() for x in kv])
-
-    async def finish(self, job_id: str, state: str, counts: Counts) -> None:
-        """The job is final: its state and counts stay listed; it leaves the control map."""
-        await self.update(job_id, counts, state=state)
-        await self.store.call("HDEL", self.store.key("control"), job_id)
-
-    async def job(self, job_id: str) -> dict[str, str] | None:
-        h = await self.store.call("HGETALL", self._job(job_id))
-        return h or None
-
-    async def jobs(self, last: int = 100) -> list[dict[str, str]]:
-        """The `last` newest jobs, oldest first."""
-        ids = await self.store.call("ZRANGE", self.store.key("jobs"), -last, -1)
-        if not ids:
-            return []
-        return [h for h in await self.store.pipeline([("HGETALL", self._job(i)) for i in ids]) if h]
-
-    # ------------------------------------------------------------ control
-
-    async def control(self, job_id: str, action: str, priority: str | None = None) -> int:
-        """Apply pause/resume/cancel/priority cluster-wide; returns the new control version.
-        Raises UnknownJob or ControlRefused (the reason, as `alertd` prints it)."""
-        if action not in ("pause", "resume", "cancel", "priority"):
-            raise ValueError(f"unknown action {action!r}")
-        if action == "priority" and priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
-        version, state = await self.store.script(
-            _CONTROL, [self._job(job_id), self.store.key("control"),
-                       self.store.key("control_version")], [job_id, action, priority or ""])
-        if version == -1:
-            raise UnknownJob(f"no such job: {job_id}")
-        if version == -2:
-            if state in FINAL:
-                raise ControlRefused(f"{job_id} is {state}: a finished job cannot be changed")
-            raise ControlRefused(f"{job_id} is {state}: cannot {action} it")
-        return int(version)
-
-    async def control_version(self) -> int:
-        """One GET: nodes poll it about twice a second and fetch controls() when it moved."""
-        return int(await self.store.call("GET", self.store.key("control_version")) or 0)
-
-    async def controls(self) -> dict[str, tuple[str, str]]:
-        """job -> (state, priority) of every job not yet final."""
-        h = await self.store.call("HGETALL", self.store.key("control"))
-        return {j: tuple(v.split(":", 1)) for j, v in h.items()}  # type: ignore[misc]
 
     # ------------------------------------------------------------ nodes
 
