@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,17 +53,17 @@ class Planner:
     async def run(self, stop: asyncio.Event) -> None:
         """Hold (or wait for) the role; while held, publish and take acks."""
         tasks: list[asyncio.Task[None]] = []
-        quiet_until = 0.0  # after a Redis outage, leave the role to the node that had it
+        store = self.queue.store
         while not stop.is_set():
-            loop = asyncio.get_running_loop()
-            if not self.active and loop.time() < quiet_until:
+            # For two leases after this node last failed to reach Redis (any of its calls),
+            # leave the role to the node that had it: its lock expired during the outage,
+            # and it renews as soon as it reaches Redis again.
+            if not self.active and time.monotonic() - store.failed_at < 2 * self.lease:
                 await asyncio.sleep(1.0)
                 continue
             try:
                 mine = await self.queue.claim_lock(ROLE, self.holder, int(self.lease * 1000))
             except RedisDown:
-                if not self.active:
-                    quiet_until = loop.time() + 2 * self.lease
                 await asyncio.sleep(0.5)
                 continue
             if not mine and self.active:

@@ -71,6 +71,7 @@ class Store:
         self.error: str | None = None  # why the last call failed, one line
         self.commands = 0  # commands sent (alertd_redis_commands_total)
         self._retry_at = 0.0  # monotonic: fail fast before this
+        self.failed_at = 0.0  # monotonic: the last time Redis could not be reached
         self._backoff = BACKOFF_MIN
         # No retries inside redis-py: a retried write may run twice, and a retry loop
         # would hold a caller far past the timeout while Redis is down.
@@ -164,6 +165,7 @@ class Store:
             # still one exception for callers, but no backoff.
             return Refused(f"redis at {self.shown} refused a command: {_line(e)}", _line(e))
         self.up = False
+        self.failed_at = time.monotonic()
         self.error = f"redis unreachable at {self.shown}: {_reason(e, self.timeout)}"
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.0)
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
