@@ -69,6 +69,11 @@ bench: install $(BENCH_STAMP)
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null; \
 	fi
 	$(PY) -m bench.run $(BENCH_ARGS)
+	@command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || { \
+	  echo "bench: installing redis-server with apt-get (cluster mode vs single host)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	$(PY) -m bench.cluster
 
 clean:
 	rm -rf var .pytest_cache .benchmarks bench/results
