@@ -234,12 +234,3 @@ class LeaseFeeder:
         self.leased += g.granted
         self.sink.deposit(g.granted, g.rate)
         return 0.0
-
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            delay = await self.step()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
