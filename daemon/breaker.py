@@ -38,6 +38,11 @@ class Breaker:
     def is_open(self) -> bool:
         return self._st.breaker_state == OPEN
 
+    @property
+    def is_closed(self) -> bool:
+        """Requests go out without asking admit() (which may spend a probe slot)."""
+        return self._st.breaker_state == CLOSED
+
     def probe_due(self) -> float:
         """time.monotonic() of the next probe slot (meaningful while open)."""
         return self._st.breaker_until

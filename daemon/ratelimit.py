@@ -110,6 +110,11 @@ class TokenBudget:
             return True
         return self._st.rate <= 0.0
 
+    def give_back(self) -> None:
+        """Return a token try_take just gave, unused (nothing to send after all)."""
+        if self._st.rate > 0.0:
+            self._local += 1
+
     async def acquire(self) -> None:
         while True:
             if self._paused():

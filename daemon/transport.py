@@ -2,7 +2,8 @@
 
 Owns the sockets to the endpoint and the bytes on the wire. It never judges a
 status code (delivery rules live in policy.py), never resends a request the
-receiver may have seen, and never spends a Task or a wait_for on a request. A
+receiver may have seen, and never spends a Task, a Future or a wait_for on a request: a
+caller's run of requests on one connection is driven from the protocol's callbacks. A
 receiver can make a request fail, never make it grow memory or outlive its
 deadline: response heads are capped and bytes nobody asked for drop the stream.
 """
@@ -13,7 +14,7 @@ import base64
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -131,10 +132,40 @@ def _connect_error(host: str, port: int, e: OSError) -> str:
     return f"{host}:{port}: {e.strerror or e}"
 
 
+# What a run of requests is told of each one: its response or the TransportError that
+# ended it, and whether the connection is free for another request. It returns the next
+# request to send on that connection (only when free), or None to end the run.
+OnResult = Callable[["Response | TransportError", bool], "bytes | None"]
+
+
+class _Run:
+    """The requests one caller sends back to back on one connection (see Pool.exchange):
+    each result is handed to on_result from the connection's callbacks, and only the end
+    of the whole run wakes the caller."""
+
+    __slots__ = ("on_result", "end")
+
+    def __init__(self, on_result: OnResult, end: asyncio.Future[None]) -> None:
+        self.on_result, self.end = on_result, end
+
+    def result(self, r: Response | TransportError, free: bool) -> bytes | None:
+        try:
+            nxt = self.on_result(r, free)
+        except BaseException as e:  # the caller's bug: end the run and raise it there
+            if not self.end.done():
+                self.end.set_exception(e)
+            return None
+        return nxt if free else None
+
+    def finish(self) -> None:
+        if not self.end.done():
+            self.end.set_result(None)
+
+
 class _Conn(asyncio.Protocol):
     """One keep-alive connection: at most one request at a time, no pipelining."""
 
-    __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "fut", "deadline", "timer",
+    __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "run", "deadline", "timer",
                  "timer_at", "connect_deadline", "code", "retry_after", "framed", "keep",
                  "complete", "lost", "lost_waiter", "head_room", "headers", "used")
 
@@ -142,7 +173,7 @@ class _Conn(asyncio.Protocol):
         self.pool, self.endpoint, self.loop = pool, endpoint, loop
         self.transport: Any = None
         self.parser = httptools.HttpResponseParser(self)
-        self.fut: asyncio.Future[Response] | None = None
+        self.run: _Run | None = None  # the run whose request is on this connection
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = self.timer_at = 0.0
         self.connect_deadline = 0.0  # a new connection's first request shares its connect deadline
@@ -160,7 +191,7 @@ class _Conn(asyncio.Protocol):
         self.pool._adopt(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.fut is None:  # bytes nobody asked for: the stream can't be trusted
+        if self.run is None:  # bytes nobody asked for: the stream can't be trusted
             return self.drop(abort=True)
         try:
             if self.code == 0 and len(data) > self.head_room:
@@ -184,7 +215,7 @@ class _Conn(asyncio.Protocol):
         self.parser.feed_data(data[room:])
 
     def eof_received(self) -> bool:
-        if self.fut is None:  # the server closed an idle connection: never hand it out again
+        if self.run is None:  # the server closed an idle connection: never hand it out again
             self.lost = True
             self.pool._forget(self)
         return False
@@ -194,7 +225,7 @@ class _Conn(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.fut is not None:
+        if self.run is not None:
             if self.code >= 200 and not self.framed and not self.complete:
                 self._finish(False)  # a body delimited by EOF: this close is its end
             elif self.endpoint[2] is not None and not self.used and self.code == 0 and \
@@ -247,8 +278,8 @@ class _Conn(asyncio.Protocol):
     def usable(self) -> bool:
         return not self.lost and not self.transport.is_closing()
 
-    def send(self, data: bytes, deadline: float) -> asyncio.Future[Response]:
-        self.fut = fut = self.loop.create_future()
+    def send(self, data: bytes, deadline: float, run: _Run) -> None:
+        self.run = run
         self.deadline = deadline
         # One timer per connection, moved lazily: a request only stores its deadline and
         # the timer re-arms itself when it fires early. A new one is needed only when none
@@ -259,11 +290,10 @@ class _Conn(asyncio.Protocol):
                 timer.cancel()
             self.timer, self.timer_at = self.loop.call_at(deadline, self._on_timer), deadline
         self.pool._queue_write(self, data)
-        return fut
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.fut is None:
+        if self.run is None:
             return
         if self.loop.time() + 0.001 >= self.deadline:  # timers may fire a hair early
             host, port, _ = self.endpoint
@@ -273,18 +303,28 @@ class _Conn(asyncio.Protocol):
             self.timer, self.timer_at = self.loop.call_at(self.deadline, self._on_timer), self.deadline
 
     def _finish(self, keep: bool) -> None:
-        fut, self.fut = self.fut, None
-        if fut is not None and not fut.done():
-            ra = self.retry_after
-            fut.set_result((ra is None and _PLAIN.get(self.code)) or Response(self.code, ra))
+        run, self.run = self.run, None
+        ra = self.retry_after
+        resp = (ra is None and _PLAIN.get(self.code)) or Response(self.code, ra)
         self.code, self.retry_after, self.framed, self.complete = 0, None, False, False
         self.head_room, self.headers, self.used = MAX_HEAD, 0, True
-        self.pool._release(self, keep)
+        if run is None:
+            return self.pool._release(self, keep)
+        # The response is whole and the connection idle again: the run may put its next
+        # request on it at once, in this callback, without a wake-up of its caller.
+        free = keep and self.pool._reusable(self) and self.usable()
+        nxt = run.result(resp, free)
+        if nxt is not None:
+            self.send(nxt, self.loop.time() + self.pool.timeout, run)
+        else:
+            run.finish()
+            self.pool._release(self, keep)
 
     def fail(self, exc: TransportError) -> None:
-        fut, self.fut = self.fut, None
-        if fut is not None and not fut.done():
-            fut.set_exception(exc)
+        run, self.run = self.run, None
+        if run is not None:
+            run.result(exc, False)
+            run.finish()
         self.drop(abort=True)
 
     def drop(self, abort: bool = False) -> None:
@@ -355,19 +395,41 @@ class Pool:
             self._idle.pop(0).drop()
         self._grant_slots()
 
-    async def post(self, header_lines: bytes, body: bytes) -> Response:
-        """POST one request; header_lines are complete "Name: value\\r\\n" lines.
+    def frame(self, header_lines: bytes, body: bytes) -> bytes:
+        """A whole request on the current `head`: header_lines are complete
+        "Name: value\\r\\n" lines."""
+        return b"".join((self._head, str(len(body)).encode(), b"\r\n", header_lines, b"\r\n",
+                         body))
 
-        Raises TransportError; the timeout spans the connect (if any) and the exchange.
-        """
-        return await self.post_request(b"".join((self._head, str(len(body)).encode(), b"\r\n",
-                                                 header_lines, b"\r\n", body)))
+    async def post(self, header_lines: bytes, body: bytes) -> Response:
+        """POST one request (see frame). Raises TransportError; the timeout spans the
+        connect (if any) and the exchange."""
+        return await self.post_request(self.frame(header_lines, body))
 
     async def post_request(self, request: bytes) -> Response:
         """Send one whole request (built on `head`, its Content-Length and body included),
         as post() does."""
+        got: list[Response | TransportError] = []
+
+        def keep(r: Response | TransportError, free: bool) -> None:
+            got.append(r)
+        await self.exchange(request, keep)
+        if isinstance(got[0], TransportError):
+            raise got[0]
+        return got[0]
+
+    async def exchange(self, request: bytes, on_result: OnResult) -> None:
+        """Send `request`, then each request on_result returns, one after the other on
+        the same connection, until it returns None: one await for the whole run.
+
+        on_result(result, free) is called, from the connection's callbacks, once per
+        request with its Response or the TransportError that ended it (a failed connect
+        too: this never raises TransportError), and whether the connection is free for
+        another request; each request's timeout spans its connect (if any) and exchange.
+        What on_result raises ends the run and is raised here."""
         if self._closed:
-            raise TransportError("closed", False, "pool is closed")
+            on_result(TransportError("closed", False, "pool is closed"), False)
+            return
         loop = self._loop or self._bind()
         self._in_flight += 1
         try:
@@ -380,14 +442,20 @@ class Pool:
                 conn.drop()
                 conn = None
             if conn is None:
-                conn = await self._acquire(loop)
+                try:
+                    conn = await self._acquire(loop)
+                except TransportError as e:
+                    on_result(e, False)
+                    return
             deadline = conn.connect_deadline or loop.time() + self._timeout
             conn.connect_deadline = 0.0
-            fut = conn.send(request, deadline)
+            run = _Run(on_result, loop.create_future())
+            conn.send(request, deadline, run)
             try:
-                return await fut
+                await run.end
             except asyncio.CancelledError:
-                if conn.fut is fut:  # its response would arrive for nobody
+                if conn.run is run:  # its response would arrive for nobody
+                    conn.run = None
                     conn.drop(abort=True)
                 raise
         finally:
@@ -458,7 +526,7 @@ class Pool:
     def _flush_writes(self) -> None:
         writes, self._writes = self._writes, []
         for conn, data in writes:
-            if conn.fut is None:
+            if conn.run is None:
                 continue  # failed or cancelled meanwhile
             if conn.lost or conn.transport.is_closing():
                 conn.fail(TransportError("closed", False, "connection lost before the "
@@ -471,8 +539,13 @@ class Pool:
         self._conns.add(conn)
         self._opened += 1
 
+    def _reusable(self, conn: _Conn) -> bool:
+        """Whether a connection that finished a request may carry another (not after a
+        close, a reload to another endpoint, or a shrink below the connections open)."""
+        return not self._closed and conn.endpoint is self._endpoint and self._open <= self._size
+
     def _release(self, conn: _Conn, keep: bool) -> None:
-        if not keep or self._closed or conn.endpoint is not self._endpoint or self._open > self._size:
+        if not keep or not self._reusable(conn):
             return conn.drop()
         while self._waiters:
             w = self._waiters.popleft()
@@ -512,7 +585,7 @@ class Pool:
         for c in list(self._conns):  # still adopted, so connection_lost has not run yet
             c.lost_waiter = c.loop.create_future()
             waits.append(c.lost_waiter)
-            if c.fut is not None:
+            if c.run is not None:
                 c.fail(TransportError("closed", True, "pool is closed"))
             else:
                 c.drop()

@@ -30,7 +30,7 @@ from .protocol import Chunk, ChunkFailed, Drain, Fence, JobControl, Outcome, Rea
 from .ratelimit import TokenBudget
 from .shm import Shared
 from .sidelog import SideLog
-from .transport import Pool, TransportError, webhook_tls
+from .transport import Pool, Response, TransportError, webhook_tls
 
 log = logging.getLogger("alertd.worker")
 
@@ -61,6 +61,39 @@ class _Alert:
         self.req: bytes | None = None
         self.req_sec = 0
         self.requests: rowpath.Requests | None = None
+
+
+class _Sender:
+    """One lane's run of requests on one connection (transport's on_result): settles each
+    answer and hands the transport the next row's request, while the worker allows one
+    without waiting (see Worker._next_now); else the lane takes over again."""
+
+    __slots__ = ("w", "lane", "a", "gate")
+
+    def __init__(self, w: Worker, lane: int) -> None:
+        self.w, self.lane = w, lane
+        self.a: _Alert | None = None  # the alert whose request is out
+        self.gate = Gate.SEND
+
+    def on_result(self, r: Response | TransportError, free: bool) -> bytes | None:
+        w, a, self.a = self.w, self.a, None
+        try:
+            w._answered(a, self.gate, r)
+        except Exception as e:  # a bug: the row still gets settled, the run goes on
+            w._internal_error(a, e)
+        if not free:
+            return None
+        try:
+            nxt = w._next_now(self.lane)
+            if nxt is None:
+                return None
+            self.a, self.gate = nxt, Gate.SEND
+            return w._request(nxt)
+        except Exception as e:
+            if self.a is not None:
+                w._internal_error(self.a, e)
+                self.a = None
+            return None
 
 
 class Worker:
@@ -325,6 +358,7 @@ class Worker:
     # ------------------------------------------------------------ choosing work
 
     async def _lane(self, i: int) -> None:
+        sender = _Sender(self, i)
         while not self._draining and i < self.cfg.workers.concurrency:
             a = self._next_alert()
             if a is None:
@@ -332,9 +366,10 @@ class Worker:
                 continue
             a.busy = True
             try:
-                await self._attempt(a)
+                await self._attempt(a, sender)
             except Exception as e:  # a bug: the row still gets settled, the lane goes on
-                self._internal_error(a, e)
+                self._internal_error(sender.a or a, e)
+                sender.a = None
 
     async def _idle(self) -> None:
         self._more.clear()
@@ -497,7 +532,23 @@ class Worker:
 
     # ------------------------------------------------------------ sending
 
-    async def _attempt(self, a: _Alert) -> None:
+    def _next_now(self, lane: int) -> _Alert | None:
+        """The next alert a lane's run may send at once, a token taken for it: none when
+        the lane should stop or look again (draining, fewer lanes, WAL trouble, breaker not
+        closed, no token or no row)."""
+        if self._draining or lane >= self.cfg.workers.concurrency or self.wal.error:
+            return None
+        if not self.breaker.is_closed or not self.budget.try_take():
+            return None  # a probe or a hold, or tokens to wait for: the lane's slow path
+        while (a := self._next_alert()) is not None:
+            a.busy = True
+            if not (self._fenced and self._is_fenced(a)):
+                return a
+            self._drop(a)  # another node sends it now
+        self.budget.give_back()
+        return None
+
+    async def _attempt(self, a: _Alert, sender: _Sender) -> None:
         if self._fenced and self._is_fenced(a):
             self._drop(a)  # another node sends it now
             return
@@ -512,6 +563,11 @@ class Worker:
                                            or self._is_fenced(a)):
                 self._push(a, time.monotonic())  # paused or cancelled while waiting: not sent
                 return
+        sender.a, sender.gate = a, gate
+        await self.pool.exchange(self._request(a), sender.on_result)
+
+    def _request(self, a: _Alert) -> bytes:
+        """The request of the alert's next attempt, counted as sent."""
         if a.attempts:
             self._sent_retry += 1
         else:
@@ -528,19 +584,20 @@ class Worker:
                 chunk = a.cs.chunk
                 req = self.requests.build(chunk.job, chunk.name, a.off, a.uid, a.msg, a.fields,
                                           now)
-            send = self.pool.post_request(req)
         else:  # the same id and body as its first attempts: receivers can dedupe it
             hdr, body = self.payloads.build(lt.id, a.uid, a.msg, lt.file, lt.offset,
                                             time.time(), a.fields)
-            send = self.pool.post(hdr, body)
+            req = self.pool.frame(hdr, body)
         # Plain ints here; the heartbeat copies them to shared memory (ctypes is slower).
         self._n_sent += 1
-        try:
-            r = await send
-        except TransportError as e:
-            if e.sent:
+        return req
+
+    def _answered(self, a: _Alert, gate: Gate, r: Response | TransportError) -> None:
+        """What the attempt's answer means for the alert (see policy.py)."""
+        if isinstance(r, TransportError):
+            if r.sent:
                 a.dup = True  # outcome unknown: it may have arrived; same id on the retry
-            self._settle(a, gate, 0, policy.decide(0, a.attempts, self.cfg.retry, None, str(e)))
+            self._settle(a, gate, 0, policy.decide(0, a.attempts, self.cfg.retry, None, str(r)))
             return
         status = r.status
         d = policy.decide(status, a.attempts, self.cfg.retry, r.retry_after)
