@@ -42,10 +42,11 @@ def _iso(ts: str) -> float:
 
 
 def throughput(nginx: Nginx | MockSink, workdir: Path, csv: Path, rows: int, workers: int,
-               timeout: float, tag: str = "") -> dict[str, Any]:
-    """Drop `csv` into a fresh alertd; deliveries/s, CPU/delivery, peak RSS, a rate series."""
-    cfg = bench_config(workdir / f"alertd{tag}-w{workers}", nginx.url, SAMPLE_SECRET,
-                       workers={"count": workers})
+               timeout: float, tag: str = "", pipeline: int = 1) -> dict[str, Any]:
+    """Drop `csv` into a fresh alertd; deliveries/s, CPU/delivery, peak RSS, a rate series.
+    `pipeline` > 1: HTTP/1.1 pipelining at that depth ([workers] pipeline)."""
+    cfg = bench_config(workdir / f"alertd{tag}-w{workers}-p{pipeline}", nginx.url, SAMPLE_SECRET,
+                       workers={"count": workers, "pipeline": pipeline})
     with Alertd(cfg) as d:
         sampler = measure.Sampler(d.pid, progress=d.delivered_now).start()
         try:
@@ -58,7 +59,8 @@ def throughput(nginx: Nginx | MockSink, workdir: Path, csv: Path, rows: int, wor
             delivered_now = d.delivered_now()
         finally:
             sampler.stop()
-    out: dict[str, Any] = {"workers": workers, "rows": rows, "complete": summary is not None,
+    out: dict[str, Any] = {"workers": workers, "pipeline": pipeline, "rows": rows,
+                           "complete": summary is not None,
                            "peak_rss_mb": measure.peak_rss_mb(sampler),
                            "series": [(round(t - since, 3), v) for t, v in sampler.rates()],
                            "wall_s": round(t_end - t_drop, 3)}

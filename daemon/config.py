@@ -110,6 +110,9 @@ class RateConfig:
 class WorkersConfig:
     count: int = key(2, ge=1, le=64)  # 64: the worker slots in shared memory
     concurrency: int = key(64, ge=1, le=4096)  # requests in flight per worker
+    # HTTP/1.1 pipelining: requests in flight per connection (1 = off), for receivers known
+    # to answer pipelined requests in order; concurrency / pipeline connections per worker.
+    pipeline: int = key(1, ge=1, le=64)
     chunk_bytes: int = key(256 << 10, ge=1)  # planned chunk size; kept per job in its manifest
 
 

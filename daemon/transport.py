@@ -132,30 +132,46 @@ def _connect_error(host: str, port: int, e: OSError) -> str:
     return f"{host}:{port}: {e.strerror or e}"
 
 
-# What a run of requests is told of each one: its response or the TransportError that
-# ended it, and whether the connection is free for another request. It returns the next
-# request to send on that connection (only when free), or None to end the run.
-OnResult = Callable[["Response | TransportError", bool], "bytes | None"]
+# What a run of requests is told of each one, in the order they were sent: its response or
+# the TransportError that ended it.
+OnResult = Callable[["Response | TransportError"], None]
+# Asked, while the run's connection is free for another request (keep-alive, same
+# endpoint, fewer than `pipeline` unanswered), for the next one: None when there is none.
+NextRequest = Callable[[], "bytes | None"]
 
 
 class _Run:
-    """The requests one caller sends back to back on one connection (see Pool.exchange):
-    each result is handed to on_result from the connection's callbacks, and only the end
-    of the whole run wakes the caller."""
+    """The requests one caller sends on one connection (see Pool.exchange): each result is
+    handed to on_result from the connection's callbacks, each next request comes from
+    more(), and only the end of the whole run wakes the caller."""
 
-    __slots__ = ("on_result", "end")
+    __slots__ = ("on_result", "more", "end")
 
-    def __init__(self, on_result: OnResult, end: asyncio.Future[None]) -> None:
-        self.on_result, self.end = on_result, end
+    def __init__(self, on_result: OnResult, more: NextRequest | None,
+                 end: asyncio.Future[None]) -> None:
+        self.on_result, self.more, self.end = on_result, more, end
 
-    def result(self, r: Response | TransportError, free: bool) -> bytes | None:
+    def _raise(self, e: BaseException) -> None:
+        # the caller's bug: end the run and raise it there
+        self.more = None
+        if not self.end.done():
+            self.end.set_exception(e)
+
+    def result(self, r: Response | TransportError) -> None:
         try:
-            nxt = self.on_result(r, free)
-        except BaseException as e:  # the caller's bug: end the run and raise it there
-            if not self.end.done():
-                self.end.set_exception(e)
+            self.on_result(r)
+        except BaseException as e:
+            self._raise(e)
+
+    def next(self) -> bytes | None:
+        more = self.more
+        if more is None:
             return None
-        return nxt if free else None
+        try:
+            return more()
+        except BaseException as e:
+            self._raise(e)
+            return None
 
     def finish(self) -> None:
         if not self.end.done():
@@ -163,59 +179,70 @@ class _Run:
 
 
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection: at most one request at a time, no pipelining."""
+    """One keep-alive connection: one run at a time, up to the pool's `pipeline` requests
+    of it unanswered (HTTP/1.1 pipelining above 1), answered in order."""
 
-    __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "run", "deadline", "timer",
-                 "timer_at", "connect_deadline", "code", "retry_after", "framed", "keep",
-                 "complete", "lost", "lost_waiter", "head_room", "headers", "used")
+    __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "run", "out", "queued",
+                 "timer", "timer_at", "connect_deadline", "code", "retry_after", "framed",
+                 "keep", "closing", "answers", "ready", "lost", "lost_waiter", "head_room", "headers",
+                 "used", "wbuf")
 
     def __init__(self, pool: Pool, endpoint: _Endpoint, loop: asyncio.AbstractEventLoop) -> None:
         self.pool, self.endpoint, self.loop = pool, endpoint, loop
         self.transport: Any = None
         self.parser = httptools.HttpResponseParser(self)
-        self.run: _Run | None = None  # the run whose request is on this connection
+        self.run: _Run | None = None  # the run whose requests are on this connection
+        self.out: deque[float] = deque()  # deadlines of the unanswered requests, oldest first
+        self.queued = 0  # of those, the newest ones not yet handed to the socket
         self.timer: asyncio.TimerHandle | None = None
-        self.deadline = self.timer_at = 0.0
+        self.timer_at = 0.0
         self.connect_deadline = 0.0  # a new connection's first request shares its connect deadline
         self.code = 0
         self.retry_after: bytes | None = None
         # framed: Content-Length or Transfer-Encoding seen, so EOF is not the end of the body
-        self.framed = self.keep = self.complete = self.lost = False
+        self.framed = self.keep = self.closing = self.lost = False
+        self.answers = 0  # responses completed on this connection
+        self.ready: list[Response] = []  # responses of the read being parsed, not yet handed out
         self.lost_waiter: asyncio.Future[None] | None = None
         self.head_room = MAX_HEAD  # head bytes this request's response may still take
         self.headers = 0  # header lines of the response being parsed
         self.used = False  # a response completed on this connection
+        self.wbuf: list[bytes] | None = None  # requests queued for the loop's write turn
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         self.pool._adopt(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.run is None:  # bytes nobody asked for: the stream can't be trusted
+        if not self.out:  # bytes nobody asked for: the stream can't be trusted
             return self.drop(abort=True)
+        answers = self.answers
         try:
             if self.code == 0 and len(data) > self.head_room:
                 self._feed_head(data)
             else:
                 self.parser.feed_data(data)
-                if self.code == 0:  # still inside the head
+                if self.code == 0 and self.answers == answers:  # still inside one head
                     self.head_room -= len(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade, _Reject) as e:
+            # Responses of this read not yet handed out fail too: the read broke the rules.
+            self.ready.clear()
             return self.fail(TransportError("protocol", True, _why(e)))
-        if self.complete:
-            self._finish(self.keep)
+        if self.ready:
+            self._hand_out()
 
     def _feed_head(self, data: bytes) -> None:
         # Feed only what the head may still take: a receiver streaming one endless
         # header must not grow the parser's buffer (httptools joins header bytes).
         room = max(0, self.head_room)
+        answers = self.answers
         self.parser.feed_data(data[:room])
-        if self.code == 0:
+        if self.code == 0 and self.answers == answers:
             raise _Reject(f"response head over {MAX_HEAD >> 10} KiB")
         self.parser.feed_data(data[room:])
 
     def eof_received(self) -> bool:
-        if self.run is None:  # the server closed an idle connection: never hand it out again
+        if not self.out:  # the server closed an idle connection: never hand it out again
             self.lost = True
             self.pool._forget(self)
         return False
@@ -225,10 +252,12 @@ class _Conn(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.run is not None:
-            if self.code >= 200 and not self.framed and not self.complete:
-                self._finish(False)  # a body delimited by EOF: this close is its end
-            elif self.endpoint[2] is not None and not self.used and self.code == 0 and \
+        if self.out and self.code >= 200 and not self.framed:
+            self.keep = False
+            self.on_message_complete()  # a body delimited by EOF: this close is its end
+            self._hand_out()
+        if self.out:
+            if self.endpoint[2] is not None and not self.used and self.code == 0 and \
                     self.head_room == MAX_HEAD and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
                 # A TLS 1.3 server checks our client certificate after our side of the
                 # handshake has ended: its refusal (an alert, often lost to the reset that
@@ -241,14 +270,19 @@ class _Conn(asyncio.Protocol):
             else:
                 why = f"peer closed the connection ({exc})" if exc else "peer closed the connection"
                 self.fail(TransportError("closed", True, why))
+        elif self.run is not None:
+            self._end_run()
         self.pool._forget(self)
         if self.lost_waiter is not None and not self.lost_waiter.done():
             self.lost_waiter.set_result(None)
 
     # httptools callbacks; on_body is left out on purpose so bodies are skipped in C.
     def on_message_begin(self) -> None:
-        if self.complete:  # a second response in one read, to one request
-            raise _Reject("bytes after the response: a second response to one request")
+        if len(self.ready) >= len(self.out):
+            raise _Reject("bytes after the response: a second response to one request"
+                          if len(self.out) <= 1 else "more responses than requests")
+        if self.closing:
+            raise _Reject("bytes after a response that closed the connection")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers += 1
@@ -273,17 +307,25 @@ class _Conn(asyncio.Protocol):
             self.code, self.retry_after, self.framed, self.headers = 0, None, False, 0
             self.used = True  # the server has seen this request
         else:
-            self.complete = True
+            ra = self.retry_after
+            self.ready.append((ra is None and _PLAIN.get(self.code)) or Response(self.code, ra))
+            self.code, self.retry_after, self.framed = 0, None, False
+            self.head_room, self.headers, self.used = MAX_HEAD, 0, True
+            self.answers += 1
+            if not self.keep:
+                self.closing = True  # the connection ends after this response
 
     def usable(self) -> bool:
         return not self.lost and not self.transport.is_closing()
 
-    def send(self, data: bytes, deadline: float, run: _Run) -> None:
-        self.run = run
-        self.deadline = deadline
+    def send(self, data: bytes, deadline: float) -> None:
+        self.out.append(deadline)
+        self.queued += 1
+        self.pool._sent += 1
         # One timer per connection, moved lazily: a request only stores its deadline and
-        # the timer re-arms itself when it fires early. A new one is needed only when none
-        # is pending or it would fire too late (a reload shortened the timeout).
+        # the timer re-arms itself when it fires early (for the oldest unanswered one). A
+        # new one is needed only when none is pending or it would fire too late (a reload
+        # shortened the timeout).
         timer = self.timer
         if timer is None or deadline < self.timer_at:
             if timer is not None:
@@ -293,37 +335,75 @@ class _Conn(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.run is None:
+        if not self.out:
             return
-        if self.loop.time() + 0.001 >= self.deadline:  # timers may fire a hair early
+        deadline = self.out[0]
+        if self.loop.time() + 0.001 >= deadline:  # timers may fire a hair early
             host, port, _ = self.endpoint
             self.fail(TransportError("timeout", True, f"no response from {host}:{port} within "
                                                       f"{self.pool.timeout:g} s"))
         else:
-            self.timer, self.timer_at = self.loop.call_at(self.deadline, self._on_timer), self.deadline
+            self.timer, self.timer_at = self.loop.call_at(deadline, self._on_timer), deadline
 
-    def _finish(self, keep: bool) -> None:
-        run, self.run = self.run, None
-        ra = self.retry_after
-        resp = (ra is None and _PLAIN.get(self.code)) or Response(self.code, ra)
-        self.code, self.retry_after, self.framed, self.complete = 0, None, False, False
-        self.head_room, self.headers, self.used = MAX_HEAD, 0, True
-        if run is None:
-            return self.pool._release(self, keep)
-        # The response is whole and the connection idle again: the run may put its next
-        # request on it at once, in this callback, without a wake-up of its caller.
-        free = keep and self.pool._reusable(self) and self.usable()
-        nxt = run.result(resp, free)
-        if nxt is not None:
-            self.send(nxt, self.loop.time() + self.pool.timeout, run)
-        else:
-            run.finish()
-            self.pool._release(self, keep)
+    def _hand_out(self) -> None:
+        """The responses of a whole read, each to its request, oldest first; then the run
+        fills the connection again, in this callback (no wake-up of its caller)."""
+        ready, run = self.ready, self.run
+        n = len(ready)
+        for i in range(n):
+            self.out.popleft()
+            if run is not None:
+                run.result(ready[i])
+        ready.clear()
+        self.pool._sent -= n
+        if self.closing:
+            self._closed_after_answer()
+        elif run is not None and not self.lost:
+            self._fill(run)
 
-    def fail(self, exc: TransportError) -> None:
+    def _fill(self, run: _Run) -> None:
+        pool = self.pool
+        if pool._reusable(self) and self.usable():
+            depth = pool._pipeline
+            while len(self.out) < depth:
+                nxt = run.next()
+                if nxt is None:
+                    break
+                self.send(nxt, self.loop.time() + pool._timeout)
+        if not self.out:
+            self._end_run()
+
+    def _end_run(self) -> None:
         run, self.run = self.run, None
         if run is not None:
-            run.result(exc, False)
+            run.finish()
+        self.pool._release(self, self.keep and not self.closing)
+
+    def _closed_after_answer(self) -> None:
+        # A response said the connection ends: requests pipelined behind it are unanswered.
+        if self.out:
+            self.fail(TransportError("closed", True, "the receiver closed the connection "
+                                                     "with requests still unanswered"))
+        elif self.run is not None:
+            self._end_run()
+        else:
+            self.drop()
+
+    def fail(self, exc: TransportError) -> None:
+        """End every unanswered request with `exc` (those never handed to the socket as not
+        sent), and the run with them; the stream is in an unknown state."""
+        run, self.run = self.run, None
+        n, unwritten = len(self.out), self.queued
+        self.out.clear()
+        self.queued = 0
+        self.pool._sent -= n
+        if run is not None:
+            for i in range(n):
+                if exc.sent and i >= n - unwritten:
+                    run.result(TransportError("closed", False, "connection lost before the "
+                                                               "request was written"))
+                else:
+                    run.result(exc)
             run.finish()
         self.drop(abort=True)
 
@@ -340,18 +420,19 @@ class Pool:
 
     def __init__(self, url: str, *, size: int, timeout: float,
                  headers: Sequence[tuple[str, str]] = (),
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, pipeline: int = 1) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ssl = ssl_context
         self._idle: list[_Conn] = []  # LIFO: the freshest connection is least likely timed out
         self._conns: set[_Conn] = set()  # adopted and not yet forgotten
         self._waiters: deque[asyncio.Future[Any]] = deque()  # each gets a _Conn or _SLOT
         self._open = 0  # connections open or being opened; above _size only after a shrink
-        self._opened = self._in_flight = 0
+        self._opened = self._acquiring = 0
+        self._sent = 0  # requests queued or written and not yet answered, all connections
         self._closed = False
-        self._writes: list[tuple[_Conn, bytes]] = []  # requests to write at the loop's turn
+        self._writes: list[_Conn] = []  # connections with requests to write at the loop's turn
         self._endpoint: _Endpoint | None = None
-        self.reconfigure(url, size=size, timeout=timeout, headers=headers)
+        self.reconfigure(url, size=size, timeout=timeout, headers=headers, pipeline=pipeline)
 
     @property
     def timeout(self) -> float:
@@ -369,17 +450,20 @@ class Pool:
 
     @property
     def in_flight(self) -> int:
-        """Requests inside post(), including those waiting for a connection."""
-        return self._in_flight
+        """Requests sent and not yet answered, and runs waiting for a connection."""
+        return self._sent + self._acquiring
 
     def reconfigure(self, url: str, *, size: int, timeout: float,
                     headers: Sequence[tuple[str, str]],
-                    ssl_context: ssl.SSLContext | None = None) -> None:
+                    ssl_context: ssl.SSLContext | None = None, pipeline: int = 1) -> None:
         """Apply a reloaded webhook config to new requests; idle connections to an old
         endpoint (or under an old TLS context), and idle ones above a smaller size, are
-        closed at once. ssl_context None keeps the current one (or the default)."""
-        if size < 1 or timeout <= 0:
-            raise ValueError(f"transport: size must be >= 1 and timeout > 0, got {size}, {timeout}")
+        closed at once. ssl_context None keeps the current one (or the default).
+        `pipeline`: requests a connection may carry unanswered (1: no pipelining)."""
+        if size < 1 or timeout <= 0 or pipeline < 1:
+            raise ValueError(f"transport: size and pipeline must be >= 1 and timeout > 0, got "
+                             f"{size}, {pipeline}, {timeout}")
+        self._pipeline = pipeline
         host, port, tls, self._head = _parse(url, headers)
         if ssl_context is not None:
             self._ssl = ssl_context
@@ -410,30 +494,30 @@ class Pool:
         """Send one whole request (built on `head`, its Content-Length and body included),
         as post() does."""
         got: list[Response | TransportError] = []
-
-        def keep(r: Response | TransportError, free: bool) -> None:
-            got.append(r)
-        await self.exchange(request, keep)
+        await self.exchange(request, got.append)
         if isinstance(got[0], TransportError):
             raise got[0]
         return got[0]
 
-    async def exchange(self, request: bytes, on_result: OnResult) -> None:
-        """Send `request`, then each request on_result returns, one after the other on
-        the same connection, until it returns None: one await for the whole run.
+    async def exchange(self, request: bytes, on_result: OnResult,
+                       more: NextRequest | None = None) -> None:
+        """Send `request`, then each request more() gives, on the same connection, until
+        nothing is unanswered and more() has none: one await for the whole run.
 
-        on_result(result, free) is called, from the connection's callbacks, once per
-        request with its Response or the TransportError that ended it (a failed connect
-        too: this never raises TransportError), and whether the connection is free for
-        another request; each request's timeout spans its connect (if any) and exchange.
-        What on_result raises ends the run and is raised here."""
+        more() is asked, from the connection's callbacks, whenever the connection is free
+        for another request (keep-alive, same endpoint, pool neither shrunk nor closed,
+        fewer than `pipeline` requests unanswered). on_result is called once per request,
+        in the order sent, with its Response or the TransportError that ended it (a failed
+        connect too: this never raises TransportError). Each request's timeout spans its
+        connect (if any) and its exchange. What on_result or more raises ends the run and
+        is raised here."""
         if self._closed:
-            on_result(TransportError("closed", False, "pool is closed"), False)
+            on_result(TransportError("closed", False, "pool is closed"))
             return
         loop = self._loop or self._bind()
-        self._in_flight += 1
+        conn = None
+        self._acquiring += 1
         try:
-            conn = None
             idle, endpoint = self._idle, self._endpoint
             while idle:  # a stale idle connection was never written to: skipping it is safe
                 conn = idle.pop()
@@ -445,21 +529,26 @@ class Pool:
                 try:
                     conn = await self._acquire(loop)
                 except TransportError as e:
-                    on_result(e, False)
+                    on_result(e)
                     return
-            deadline = conn.connect_deadline or loop.time() + self._timeout
-            conn.connect_deadline = 0.0
-            run = _Run(on_result, loop.create_future())
-            conn.send(request, deadline, run)
-            try:
-                await run.end
-            except asyncio.CancelledError:
-                if conn.run is run:  # its response would arrive for nobody
-                    conn.run = None
-                    conn.drop(abort=True)
-                raise
         finally:
-            self._in_flight -= 1
+            self._acquiring -= 1
+        deadline = conn.connect_deadline or loop.time() + self._timeout
+        conn.connect_deadline = 0.0
+        conn.run = run = _Run(on_result, more, loop.create_future())
+        conn.send(request, deadline)
+        if self._pipeline > 1 and more is not None:
+            conn._fill(run)
+        try:
+            await run.end
+        except asyncio.CancelledError:
+            if conn.run is run:  # its responses would arrive for nobody
+                conn.run = None
+                self._sent -= len(conn.out)
+                conn.out.clear()
+                conn.queued = 0
+                conn.drop(abort=True)
+            raise
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         self._loop = asyncio.get_running_loop()
@@ -519,20 +608,27 @@ class Pool:
         # the receiver is woken once per batch instead of once per request. Each
         # wake-up of an idle peer costs a cross-CPU interrupt, which dominated the
         # per-request cost on loopback (about 20 us of a ~55 us delivery).
+        # Pipelined requests of one connection go out in one write.
+        buf = conn.wbuf
+        if buf is not None:
+            buf.append(data)
+            return
+        conn.wbuf = [data]
         if not self._writes:
             self._loop.call_soon(self._flush_writes)
-        self._writes.append((conn, data))
+        self._writes.append(conn)
 
     def _flush_writes(self) -> None:
         writes, self._writes = self._writes, []
-        for conn, data in writes:
-            if conn.run is None:
-                continue  # failed or cancelled meanwhile
+        for conn in writes:
+            buf, conn.wbuf = conn.wbuf, None
+            if not conn.queued or buf is None:
+                continue  # failed or cancelled meanwhile: its run was told
             if conn.lost or conn.transport.is_closing():
-                conn.fail(TransportError("closed", False, "connection lost before the "
-                                                          "request was written"))
+                conn.fail(TransportError("closed", True, "peer closed the connection"))
             else:
-                conn.transport.write(data)
+                conn.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+                conn.queued -= len(buf)
 
     # Bookkeeping called by connections. A slot is held from _acquire until _forget.
     def _adopt(self, conn: _Conn) -> None:
@@ -585,7 +681,7 @@ class Pool:
         for c in list(self._conns):  # still adopted, so connection_lost has not run yet
             c.lost_waiter = c.loop.create_future()
             waits.append(c.lost_waiter)
-            if c.run is not None:
+            if c.out:
                 c.fail(TransportError("closed", True, "pool is closed"))
             else:
                 c.drop()

@@ -64,36 +64,44 @@ class _Alert:
 
 
 class _Sender:
-    """One lane's run of requests on one connection (transport's on_result): settles each
-    answer and hands the transport the next row's request, while the worker allows one
-    without waiting (see Worker._next_now); else the lane takes over again."""
+    """One lane's run of requests on one connection (transport's on_result and more):
+    settles each answer and hands the transport the next row's request, while the worker
+    allows one without waiting (see Worker._next_now); else the lane takes over again."""
 
-    __slots__ = ("w", "lane", "a", "gate")
+    __slots__ = ("w", "lane", "out")
 
     def __init__(self, w: Worker, lane: int) -> None:
         self.w, self.lane = w, lane
-        self.a: _Alert | None = None  # the alert whose request is out
-        self.gate = Gate.SEND
+        self.out: deque[tuple[_Alert, Gate]] = deque()  # alerts whose requests are out
 
-    def on_result(self, r: Response | TransportError, free: bool) -> bytes | None:
-        w, a, self.a = self.w, self.a, None
+    def on_result(self, r: Response | TransportError) -> None:
+        a, gate = self.out.popleft()
         try:
-            w._answered(a, self.gate, r)
+            self.w._answered(a, gate, r)
         except Exception as e:  # a bug: the row still gets settled, the run goes on
-            w._internal_error(a, e)
-        if not free:
-            return None
+            self.w._internal_error(a, e)
+
+    def more(self) -> bytes | None:
+        w, a = self.w, None
         try:
-            nxt = w._next_now(self.lane)
-            if nxt is None:
+            a = w._next_now(self.lane)
+            if a is None:
                 return None
-            self.a, self.gate = nxt, Gate.SEND
-            return w._request(nxt)
+            req = w._request(a)
         except Exception as e:
-            if self.a is not None:
-                w._internal_error(self.a, e)
-                self.a = None
+            if a is not None:
+                w._internal_error(a, e)
+            else:
+                log.exception("worker %d: choosing the next row failed", w.index)
             return None
+        self.out.append((a, Gate.SEND))
+        return req
+
+    def unsettled(self) -> list[_Alert]:
+        """The alerts still out when a run ended by a bug (none otherwise)."""
+        left = [a for a, _ in self.out]
+        self.out.clear()
+        return left
 
 
 class Worker:
@@ -146,15 +154,18 @@ class Worker:
         self.cfg = cfg
         self.payloads = Payloads(cfg.webhook.secrets)
         self.max_backlog = cfg.workers.concurrency * 4
+        # concurrency requests in flight: on as many connections (lanes), or, pipelined,
+        # `pipeline` of them on each of fewer connections.
+        self.lanes = -(-cfg.workers.concurrency // cfg.workers.pipeline)
         parts = urlsplit(cfg.webhook.url)
         self.endpoint = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
         if self.pool is None:
-            self.pool = Pool(w.url, size=cfg.workers.concurrency, timeout=w.timeout,
-                             headers=w.headers, ssl_context=tls)
+            self.pool = Pool(w.url, size=self.lanes, timeout=w.timeout, headers=w.headers,
+                             ssl_context=tls, pipeline=cfg.workers.pipeline)
         else:
             # A reload re-reads the TLS files: certificates can be rotated with a HUP.
-            self.pool.reconfigure(w.url, size=cfg.workers.concurrency, timeout=w.timeout,
-                                  headers=w.headers, ssl_context=tls)
+            self.pool.reconfigure(w.url, size=self.lanes, timeout=w.timeout, headers=w.headers,
+                                  ssl_context=tls, pipeline=cfg.workers.pipeline)
         # A new object on every reload: requests prepared under the old one are rebuilt.
         self.requests = rowpath.Requests(self.pool.head, w.secrets, cfg.alert.message)
         # Under a rate limit a batch is sent within about a second of being signed.
@@ -316,7 +327,7 @@ class Worker:
 
     def _resize_lanes(self) -> None:
         loop = asyncio.get_running_loop()
-        for i in range(self.cfg.workers.concurrency):
+        for i in range(self.lanes):
             if i not in self._lanes and not self._draining:
                 t = loop.create_task(self._lane(i))
                 self._lanes[i] = t
@@ -359,7 +370,7 @@ class Worker:
 
     async def _lane(self, i: int) -> None:
         sender = _Sender(self, i)
-        while not self._draining and i < self.cfg.workers.concurrency:
+        while not self._draining and i < self.lanes:
             a = self._next_alert()
             if a is None:
                 await self._idle()
@@ -368,8 +379,8 @@ class Worker:
             try:
                 await self._attempt(a, sender)
             except Exception as e:  # a bug: the row still gets settled, the lane goes on
-                self._internal_error(sender.a or a, e)
-                sender.a = None
+                for b in sender.unsettled() or [a]:
+                    self._internal_error(b, e)
 
     async def _idle(self) -> None:
         self._more.clear()
@@ -536,7 +547,7 @@ class Worker:
         """The next alert a lane's run may send at once, a token taken for it: none when
         the lane should stop or look again (draining, fewer lanes, WAL trouble, breaker not
         closed, no token or no row)."""
-        if self._draining or lane >= self.cfg.workers.concurrency or self.wal.error:
+        if self._draining or lane >= self.lanes or self.wal.error:
             return None
         if not self.breaker.is_closed or not self.budget.try_take():
             return None  # a probe or a hold, or tokens to wait for: the lane's slow path
@@ -563,8 +574,9 @@ class Worker:
                                            or self._is_fenced(a)):
                 self._push(a, time.monotonic())  # paused or cancelled while waiting: not sent
                 return
-        sender.a, sender.gate = a, gate
-        await self.pool.exchange(self._request(a), sender.on_result)
+        req = self._request(a)
+        sender.out.append((a, gate))
+        await self.pool.exchange(req, sender.on_result, sender.more)
 
     def _request(self, a: _Alert) -> bytes:
         """The request of the alert's next attempt, counted as sent."""

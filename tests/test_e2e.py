@@ -222,3 +222,19 @@ def test_bad_config_refuses_to_start_with_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["alertd: config: [rate] limit must be >= 0, got -5"]
+
+
+def test_pipelined_delivery_is_exactly_once_with_retries(tmp_path, mock, alertd):
+    # [workers] pipeline = 8: 64 requests in flight per worker on 8 connections; a flaky
+    # receiver answers a share with 500 in the middle of pipelines.
+    port = mock("--secret", SECRET, "--mode", "flaky", "--fail-ratio", "0.2")
+    a = alertd(write_config(tmp_path / "alertd.toml", port, webhook={"secrets": [SECRET]},
+                            workers={"pipeline": 8},
+                            retry={"base_delay": 0.01, "max_delay": 0.05, "max_attempts": 20}))
+    generate(str(a.cfg.paths.inbox_dir / "p.csv"), 20_000, seed=5)
+    [s] = a.wait_summaries(1, timeout=120)
+    assert (s["rows"], s["delivered"], s["dead"]) == (20_000, 20_000, 0)
+    stats = get_stats(port)
+    assert stats["unique"] == 20_000 and stats["bad_signatures"] == 0
+    assert stats["by_status"].get("500", 0) > 0  # the pipelines did carry failures
+    assert a.cli("verify", s["job"]).returncode == 0

@@ -71,6 +71,7 @@ class Scripted(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body = b""
+        self.hung = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -100,7 +101,8 @@ class Scripted(asyncio.Protocol):
         path = self.url.decode()
         self.server.requests.append((path, self.headers, self.body))
         self.url, self.headers, self.body = b"", {}, b""
-        if path == "/hang":
+        if path == "/hang" or self.hung:
+            self.hung = True  # nor anything pipelined behind it: answers go in order
             return
         reply = REPLIES[path.split("?")[0]]
         if path.split("?")[0] in TRICKLE:
@@ -526,5 +528,97 @@ def test_validated_headers_reach_the_wire_unchanged(run: Any) -> None:
             assert (await _post(pool)).status == 200
             headers = srv.requests[0][1]
             assert (headers["x-latin"], headers["x-tab"]) == ("caf\u00e9", "a\tb")
+            await pool.close()
+    run(main())
+
+
+# ------------------------------------------------------------------ pipelining
+
+def _raw(srv: Server, path: str, n: int) -> bytes:
+    body = b'{"n":%d}' % n
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), srv.port, len(body), body))
+
+
+async def _pipelined(pool: Pool, requests: list[bytes]) -> list[Response | TransportError]:
+    """One run of `requests` on one connection; the results in order."""
+    got: list[Response | TransportError] = []
+    rest = iter(requests[1:])
+    await pool.exchange(requests[0], got.append, lambda: next(rest, None))
+    return got
+
+
+class Counting(Scripted):
+    """Scripted, and counts the requests that arrive in one read before any is answered."""
+
+    def data_received(self, data: bytes) -> None:
+        before = len(self.server.requests)
+        super().data_received(data)
+        self.server.batches.append(len(self.server.requests) - before)
+
+
+def test_pipelined_requests_share_one_connection_and_are_answered_in_order(run: Any) -> None:
+    async def main() -> None:
+        srv = Server()
+        srv.batches = []  # type: ignore[attr-defined]
+        srv.srv = await asyncio.get_running_loop().create_server(
+            lambda: Counting(srv), "127.0.0.1", 0)
+        srv.port = srv.srv.sockets[0].getsockname()[1]
+        try:
+            pool = Pool(srv.url("/ok"), size=1, timeout=5, pipeline=4)
+            paths = ["/ok", "/retry", "/ok", "/204"] * 5
+            got = await _pipelined(pool, [_raw(srv, p, i) for i, p in enumerate(paths)])
+            assert [r.status for r in got] == [200, 429, 200, 204] * 5  # type: ignore[union-attr]
+            assert got[1].retry_after == b"7"  # type: ignore[union-attr]
+            assert srv.connections == 1 and pool.connections_opened == 1
+            assert [json_n(b) for _, _, b in srv.requests] == list(range(20))
+            assert max(srv.batches) > 1  # type: ignore[attr-defined] (several were in flight)
+            assert pool.in_flight == 0
+            await pool.close()
+        finally:
+            srv.srv.close()
+    run(main())
+
+
+def json_n(body: bytes) -> int:
+    return int(body.split(b":")[1].rstrip(b"}"))
+
+
+@pytest.mark.parametrize("path,kind", [("/midclose", "closed"), ("/close", "closed"),
+                                       ("/hang", "timeout"), ("/garbage", "protocol")])
+def test_a_connection_broken_mid_pipeline_marks_every_unanswered_request_possibly_sent(
+        run: Any, path: str, kind: str) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=0.5, pipeline=4)
+            got = await _pipelined(pool, [_raw(srv, p, i) for i, p in
+                                          enumerate(["/ok", path, "/ok", "/ok"])])
+            # Answers first, then only errors: the request that broke the stream (its own
+            # answer is whole for /close) and everything pipelined behind it. A garbled read
+            # also fails the answers it carried.
+            answered = [r for r in got if isinstance(r, Response)]
+            rest = got[len(answered):]
+            assert len(got) == 4 and len(rest) >= (2 if path == "/close" else 3), got
+            assert all(isinstance(e, TransportError) and e.sent for e in rest), got
+            assert {e.kind for e in rest} <= {kind, "closed"}  # type: ignore[union-attr]
+            assert rest[0].kind == kind  # type: ignore[union-attr]
+            assert pool.in_flight == 0
+            # The pool goes on with a new connection.
+            assert (await _post(pool)).status == 200
+            await pool.close()
+    run(main())
+
+
+def test_an_exception_in_more_ends_the_run_and_is_raised(run: Any) -> None:
+    async def main() -> None:
+        async with Server() as srv:
+            pool = Pool(srv.url("/ok"), size=1, timeout=5, pipeline=2)
+            got: list[Any] = []
+
+            def more() -> bytes:
+                raise RuntimeError("bug in more")
+            with pytest.raises(RuntimeError, match="bug in more"):
+                await pool.exchange(_raw(srv, "/ok", 0), got.append, more)
+            assert (await _post(pool)).status == 200  # the pool is still usable
             await pool.close()
     run(main())
