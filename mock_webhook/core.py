@@ -149,7 +149,8 @@ class Core:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._keys = [hmac_pads(decode_secret(s)) for s in settings.secrets]
+        self.key_bytes = [decode_secret(s) for s in settings.secrets]
+        self._keys = [hmac_pads(k) for k in self.key_bytes]
         self.recorder = Recorder(settings.record) if settings.record else None
         self.reset()
 

@@ -1,14 +1,18 @@
 """The fast engine of the mock receiver (the default): asyncio Protocols + httptools on uvloop.
 
-One process, one core, no framework: a request is parsed in C, its headers are
-picked by length, the verdict comes from core.Core, and every answer of one
-read is written with one send. Keep-alive, pipelining-safe (answers leave in
-request order even when latency delays some), Content-Length and chunked bodies.
+One process, one core, no framework. In mode "ok" without latency or record, the
+plain alert POSTs of a read are served by the compiled _hot.Hot (parse, HMAC,
+counts in C; see its docstring for what "plain" means); every other request, from
+its first byte, goes to httptools, whose callbacks collect it for core.Core. Every
+answer of one read is written with one send. Keep-alive, pipelining-safe (answers
+leave in request order even when latency delays some), Content-Length and chunked
+bodies. Without the compiled module (or with MOCK_WEBHOOK_PURE=1) all goes to httptools.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -20,6 +24,11 @@ import httptools
 import orjson
 
 from .core import RECORD_FLUSH_INTERVAL, Core, Settings
+
+try:
+    from ._hot import Hot
+except ImportError:  # not built: every request takes the httptools path
+    Hot = None
 
 # aiohttp's default limit, so both engines refuse the same bodies.
 MAX_BODY = 1024 * 1024
@@ -62,19 +71,22 @@ class _Slot:
 class _Conn(asyncio.Protocol):
     """One client connection: parser callbacks collect a request, on_message_complete answers it."""
 
-    __slots__ = ("srv", "core", "loop", "parser", "transport", "out", "queue", "closing",
-                 "url", "mid", "ts", "sig", "body", "size")
+    __slots__ = ("srv", "core", "hot", "loop", "parser", "transport", "out", "queue", "closing",
+                 "pending", "in_msg", "url", "mid", "ts", "sig", "body", "size")
 
     def __init__(self, srv: FastServer) -> None:
         self.srv = srv
         self.core = srv.core
+        self.hot = srv.hot
         self.loop = srv.loop
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
         self.out: list[bytes] = []       # answers of the current read, sent together
         self.queue: deque[_Slot] = deque()  # answers waiting for a delayed one ahead of them
         self.closing = False
-        self._next_message()
+        self.on_message_begin()
+        self.pending = b""  # the start of a request Hot took but that is not all here yet
+        self.in_msg = False  # httptools holds part of a request: it must get the rest
 
     # asyncio.Protocol
 
@@ -93,18 +105,36 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        try:
-            self.parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # llhttp also refuses bytes after a Connection: close request: those get no answer.
-            if not self.closing:
-                self._emit(_EMPTY[400, False], False)
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        hot = self.hot
+        core = self.core
+        s = core.settings
+        if (hot is not None and not self.in_msg and not self.queue and s.mode == "ok"
+                and not s.latency_ms and core.recorder is None):
+            pos = hot.feed(data, core, self.out)
+            if pos < len(data):
+                if hot.incomplete:
+                    self.pending = data[pos:] if pos else data
+                else:
+                    self._parse(data[pos:] if pos else data)
+        else:
+            self._parse(data)
         out = self.out
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self.closing and not self.queue and self.transport is not None:
             self.transport.close()
+
+    def _parse(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # llhttp also refuses bytes after a Connection: close request: those get no answer.
+            if not self.closing:
+                self._emit(_EMPTY[400, False], False)
 
     def pause_writing(self) -> None:
         # A client that pipelines without reading answers is not read from either.
@@ -117,9 +147,8 @@ class _Conn(asyncio.Protocol):
 
     # httptools callbacks
 
-    def _next_message(self) -> None:
-        # Called after each message rather than as httptools' on_message_begin: one
-        # Python callback less per request.
+    def on_message_begin(self) -> None:
+        self.in_msg = True
         self.url = b""
         self.mid = self.ts = self.sig = self.body = None
         self.size = 0
@@ -153,12 +182,10 @@ class _Conn(asyncio.Protocol):
             self.body += body
 
     def on_message_complete(self) -> None:
+        self.in_msg = False
         if self.closing:
             return  # pipelined behind a Connection: close, or the client is gone
-        try:
-            self._dispatch()
-        finally:
-            self._next_message()
+        self._dispatch()
 
     def _dispatch(self) -> None:
         parser = self.parser
@@ -239,6 +266,11 @@ class FastServer:
 
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.core = Core(settings)
+        keys = self.core.key_bytes
+        # Hot takes up to 16 secrets; more (never seen) take the httptools path.
+        self.hot = (Hot(keys, MAX_BODY, _EMPTY[200, True], _EMPTY[401, True])
+                    if Hot is not None and len(keys) <= 16 and not os.environ.get("MOCK_WEBHOOK_PURE")
+                    else None)
         self.loop = loop
         self.conns: set[_Conn] = set()
         self.delayed = 0
