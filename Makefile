@@ -9,7 +9,9 @@ STAMP  := $(VENV)/.installed
 ROWPATH_STAMP := $(VENV)/.rowpath-built
 ROWPATH_SRC := daemon/rowpath/_fast.pyx $(wildcard daemon/rowpath/*.pxi)
 
-install: $(STAMP) $(ROWPATH_STAMP)
+MOCK_HOT_STAMP := $(VENV)/.mock-hot-built
+
+install: $(STAMP) $(ROWPATH_STAMP) $(MOCK_HOT_STAMP)
 
 # --no-build-isolation: setup.py compiles the row path with the venv's pinned Cython.
 $(STAMP): requirements.txt pyproject.toml setup.py
@@ -30,6 +32,13 @@ $(ROWPATH_STAMP): $(ROWPATH_SRC) setup.py $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	$(PY) -c "import alertd.rowpath as r; assert r.IMPL == 'compiled', 'row path not compiled'"
 	touch $(ROWPATH_STAMP)
+
+# The mock webhook's compiled hot path (a test tool, not part of the alertd package: built in
+# place, its libraries named in the .pyx). Needs OpenSSL's headers, installed just above.
+$(MOCK_HOT_STAMP): mock_webhook/_hot.pyx $(ROWPATH_STAMP)
+	$(VENV)/bin/cythonize -i -q mock_webhook/_hot.pyx
+	$(PY) -c "import mock_webhook._hot"
+	touch $(MOCK_HOT_STAMP)
 
 demo: install
 	$(PY) bench/demo.py

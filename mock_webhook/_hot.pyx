@@ -1,4 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# distutils: libraries = crypto
+# distutils: extra_compile_args = -O2 -Wno-deprecated-declarations
 """Compiled hot path of the fast engine: the plain alert POSTs of one read, in C.
 
 Hot.feed() serves, from the start of a read, every complete request that is a
