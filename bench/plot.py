@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import report
+
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
     """Write the plot to `path`; returns None when there is nothing to draw."""
@@ -24,8 +26,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     for r in runs:
         xs = [t for t, _ in r["series"]]
         ys = [v / 1000 for _, v in r["series"]]
-        ax.plot(xs, ys, label=f"alertd, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
-                              f" ({r['deliveries_per_s'] / 1000:.0f}k/s)")
+        ax.plot(xs, ys, label=f"{report.run_name(r)} ({r['deliveries_per_s'] / 1000:.0f}k/s)")
     if mock.get("series"):
         xs = [t for t, _ in mock["series"]]
         ys = [v / 1000 for _, v in mock["series"]]

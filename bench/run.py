@@ -29,6 +29,7 @@ from .sink import Nginx, run_wrk
 
 RESULTS = ROOT / "bench" / "results"
 ROW_BYTES = 21  # gen_csv's line width without a message column
+PIPELINE = 8  # [workers] pipeline of the pipelined run
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,23 @@ class Suite:
             self.r["sink"] = {"url": nginx.url, "nginx_workers": nginx.workers}
             wrk = self.phase("wrk", lambda: run_wrk(nginx.url, self.work, s.wrk_s), "wrk")
             if wrk:
-                say(f"wrk: {wrk['requests_per_s']:,.0f} requests/s")
+                say(f"wrk: {wrk['requests_per_s']:,.0f} requests/s, "
+                    f"{wrk['cpu_us_per_request']} µs CPU/request (its own user+sys)")
             b = self.phase("baseline", lambda: scenarios.baseline(
                 nginx, self.data / "w1.csv", s.baseline_s), "baseline")
             if b:
                 say(f"baseline: {b['deliveries_per_s']:,.0f} deliveries/s")
             self.r["alertd"] = []
-            for workers, rows in ((1, s.w1_rows), (2, s.w2_rows)):
-                a = self.phase(f"alertd-{workers}w", lambda w=workers, n=rows: scenarios.throughput(
-                    nginx, self.work, self.data / f"w{w}.csv", n, w, s.run_timeout))
+            # The default (one request at a time per connection, as wrk sends), then 2 workers
+            # with [workers] pipeline = PIPELINE (the same file as the 2-worker run).
+            for workers, rows, pipe in ((1, s.w1_rows, 1), (2, s.w2_rows, 1),
+                                        (2, s.w2_rows, PIPELINE)):
+                name = f"alertd-{workers}w" + (f"-pipeline{pipe}" if pipe > 1 else "")
+                a = self.phase(name, lambda w=workers, n=rows, p=pipe: scenarios.throughput(
+                    nginx, self.work, self.data / f"w{w}.csv", n, w, s.run_timeout, pipeline=p))
                 if a:
                     self.r["alertd"].append(a)
-                    say(f"alertd {workers} worker(s): {a['deliveries_per_s']:,.0f} deliveries/s, "
+                    say(f"{name}: {a['deliveries_per_s']:,.0f} deliveries/s, "
                         f"{a['cpu_us_per_delivery']} µs CPU/delivery")
             # Same file and workers as the 2-worker nginx run, right after it: the ratio of
             # the two is what the mock costs alertd (the target is >= 0.8).
@@ -174,9 +180,11 @@ class Suite:
         self.phase("micro", lambda: micro(self.work, s.micro_max_time), "micro")
         # The ratios the table prints, also in the JSON for whoever compares runs later.
         wrk = (self.r.get("wrk") or {}).get("requests_per_s")
+        wrk_cpu = (self.r.get("wrk") or {}).get("cpu_us_per_request")
         base = (self.r.get("baseline") or {}).get("deliveries_per_s")
         for a in self.r["alertd"]:
             a["x_wrk"] = round(a["deliveries_per_s"] / wrk, 3) if wrk else None
+            a["x_wrk_cpu"] = round(a["cpu_us_per_delivery"] / wrk_cpu, 2) if wrk_cpu else None
             a["x_baseline"] = round(a["deliveries_per_s"] / base, 2) if base else None
         m = self.r.get("alertd_mock")
         two = next((a for a in self.r["alertd"] if a["workers"] == 2), None)

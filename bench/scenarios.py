@@ -5,7 +5,9 @@ process it started, on error too. Every wait has a deadline.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -92,7 +94,12 @@ def against_mock(workdir: Path, csv: Path, rows: int, workers: int, timeout: flo
         cpu1, (r1, w1) = mock.cpu_seconds(), mock.syscalls()
         st = mock.stats()
         n = max(st["received"], 1)
-        out["mock"] = {"engine": engine, "received": st["received"], "unique": st["unique"],
+        # The fast engine's compiled hot path is built by make install; without it the
+        # same engine runs on httptools alone (slower): the report says which ran.
+        compiled = importlib.util.find_spec("mock_webhook._hot") is not None \
+            and not os.environ.get("MOCK_WEBHOOK_PURE")
+        out["mock"] = {"engine": engine + (", compiled" if compiled and engine == "fast" else ""),
+                       "received": st["received"], "unique": st["unique"],
                        "duplicates": st["duplicates"], "bad_signatures": st["bad_signatures"],
                        "by_status": st["by_status"],
                        "cpu_us_per_request": round((cpu1 - cpu0) / n * 1e6, 2),

@@ -9,6 +9,7 @@ import getpass
 import grp
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -200,12 +201,16 @@ _ERRORS = re.compile(r"Socket errors:.*")
 
 def run_wrk(url: str, workdir: Path, seconds: float, threads: int = 2,
             connections: int = 128) -> dict[str, object]:
-    """wrk POSTing the sample alert to `url`; returns requests/s and the raw summary."""
+    """wrk POSTing the sample alert to `url`; returns requests/s, wrk's own user+sys CPU
+    per request over its run (it is our child: its rusage once reaped), and the raw summary."""
     script = write_lua(workdir / "alert.lua")
     exe = shutil.which("wrk") or "/usr/bin/wrk"
     cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
            "-s", str(script), url]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     # A broken script is only a line on stderr, and wrk then measures bare GETs.
     if out.returncode != 0 or out.stderr.strip():
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()}")
@@ -214,7 +219,9 @@ def run_wrk(url: str, workdir: Path, seconds: float, threads: int = 2,
         raise RuntimeError(f"no Requests/sec in wrk's output:\n{out.stdout}")
     non2xx = _NON2XX.search(out.stdout)
     errors = _ERRORS.search(out.stdout)
-    return {"requests_per_s": float(m.group(1)), "seconds": seconds, "threads": threads,
+    rps = float(m.group(1))
+    return {"requests_per_s": rps, "seconds": seconds, "threads": threads,
+            "cpu_us_per_request": round(cpu / max(rps * seconds, 1) * 1e6, 2),
             "connections": connections, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
             "socket_errors": errors.group(0) if errors else None,
             "body_bytes": len(sample_request()[1]), "output": out.stdout}
