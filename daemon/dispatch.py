@@ -53,6 +53,10 @@ class Dispatcher:
         self.priority: dict[str, str] = {}
         self._running = {p: deque[str]() for p in PRIORITIES}  # round robin: served job at the end
         self._queued = {p: deque[str]() for p in PRIORITIES}  # not yet planned, oldest first
+        # Planned to the end, waiting only for acks: out of the rings (a pass over them
+        # would ask each in vain) and off their running slot (no descriptor, no plan left).
+        # A chunk re-queued for one of them brings it back into its ring.
+        self._awaiting: set[str] = set()
         # Paused jobs leave the schedule (and free their running slot); the value says
         # whether the job had an open plan (it keeps it) or goes back to the queue.
         self.paused: dict[str, bool] = {}
@@ -109,6 +113,8 @@ class Dispatcher:
             return "running"  # until its summary is durable
         # The rings hold at most MAX_RUNNING ids, the queues maybe thousands: ask the rings,
         # or a status snapshot of every job costs the square of the jobs queued.
+        if job_id in self._awaiting:
+            return "running"
         return "running" if any(job_id in r for r in self._running.values()) else "queued"
 
     def _promote(self) -> None:
@@ -153,8 +159,12 @@ class Dispatcher:
                 return c
             if job.final:
                 self._finalize_if_final(job)  # leaves the ring
+            elif job.planned_all and not job.requeued:
+                ring.pop()  # only acks are left to come: it waits out of the ring
+                self._awaiting.add(job.id)
+                self._promote()  # its slot is free
             else:
-                idle += 1  # waiting for acks or requeues
+                idle += 1  # waiting for its plan's next chunk
         return None
 
     def ack(self, job_id: str, seq: int, counts: Counts) -> None:
@@ -194,6 +204,9 @@ class Dispatcher:
                 self.ack(chunk.job, chunk.seq, prior)
                 continue
             job.requeue(dataclasses.replace(chunk, done=done | chunk.done, prior=prior))
+            if job.id in self._awaiting:  # back into its ring, beyond MAX_RUNNING if need be
+                self._awaiting.discard(job.id)
+                self._running[self.priority[job.id]].append(job.id)
 
     # ------------------------------------------------------------ control
 
@@ -271,6 +284,9 @@ class Dispatcher:
     def _detach(self, job_id: str) -> bool:
         """Take the job out of the rings and queues; True if it was running (planned)."""
         prio = self.priority.get(job_id, "normal")
+        if job_id in self._awaiting:
+            self._awaiting.discard(job_id)
+            return True
         if job_id in self._running[prio]:
             self._running[prio].remove(job_id)
             self._promote()  # its slot is free
