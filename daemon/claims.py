@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import Config
 from .jobs import Job, JobStore, reason_of
 from .names import escape
-from .watcher import scan
+from .watcher import scan_quiet
 
 log = logging.getLogger("alertd.claims")
 
@@ -43,6 +43,7 @@ class Claims:
         self._queued: set[Path] = set()
         self._rescan_queued = False
         self._stopped = False
+        self._later: asyncio.TimerHandle | None = None  # a rescan once fresh files are quiet
 
     def arrived(self, path: Path) -> None:
         """A file may have arrived at `path` (inotify, a rescan)."""
@@ -71,6 +72,12 @@ class Claims:
     def stop(self) -> None:
         """Claim nothing more (a drain); a claim under way still completes."""
         self._stopped = True
+        if self._later is not None:
+            self._later.cancel()
+
+    def _rescan_later(self) -> None:
+        self._later = None
+        self.rescan()
 
     def _put(self, item: Path | _Upload | None) -> None:
         self._queue.append(item)
@@ -91,8 +98,13 @@ class Claims:
             cfg = self._config()
             if item is None:
                 self._rescan_queued = False
-                for p in await loop.run_in_executor(None, scan, cfg.paths.inbox_dir):
+                found, wait = await loop.run_in_executor(None, scan_quiet, cfg.paths.inbox_dir)
+                for p in found:
                     self.arrived(p)
+                if wait is not None and self._later is None:
+                    # Files too fresh for a scan (e.g. renamed in just before a start): look
+                    # again once they are quiet, not only at the next periodic rescan.
+                    self._later = loop.call_later(wait + 0.05, self._rescan_later)
                 continue
             # The paths that arrived meanwhile are claimed with it, in one thread call that
             # shares the fsyncs (JobStore.claim_many); an upload or a rescan waits its turn.
