@@ -58,6 +58,7 @@ PREFETCH_BYTES = 256 << 10  # bytes of chunks a worker may hold beyond PREFETCH 
 PREFETCH_MAX = 64  # chunks a worker holds at most, however small
 RESPAWN_DELAY = 1.0  # a worker that died young waits this long before its successor starts
 HUNG_AFTER = 30.0  # seconds without a heartbeat (it ticks ten times a second) = stuck
+SETTLE_TIMEOUT = 10.0  # seconds a stopping supervisor waits for summaries being written
 
 
 @dataclass
@@ -152,7 +153,11 @@ class Supervisor:
                 get.cancel()
         for t in self._tasks:
             t.cancel()
-        await self.dispatch.settle()  # summaries of jobs that became final are written
+        try:  # the summaries of jobs that became final; a restart would write them too
+            await asyncio.wait_for(self.dispatch.settle(), SETTLE_TIMEOUT)
+        except TimeoutError:
+            log.error("job summaries not written within %g s: the next start writes them",
+                      SETTLE_TIMEOUT)
         if self.node is not None:
             await self.node.leave(self.planner.holder if self.planner and self.planner.active
                                   else None)
