@@ -109,12 +109,10 @@ class Dispatcher:
             return "cancelled"
         if job_id in self.paused:
             return "paused"
-        if job_id in self._finishing:
-            return "running"  # until its summary is durable
+        if job_id in self._finishing or job_id in self._awaiting:
+            return "running"  # (finishing: until its summary is durable)
         # The rings hold at most MAX_RUNNING ids, the queues maybe thousands: ask the rings,
         # or a status snapshot of every job costs the square of the jobs queued.
-        if job_id in self._awaiting:
-            return "running"
         return "running" if any(job_id in r for r in self._running.values()) else "queued"
 
     def _promote(self) -> None:

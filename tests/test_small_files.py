@@ -2,13 +2,16 @@
 JobStore.claim_many/finalize_many, the dispatcher's finisher), exactly once, crash or not."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
 from alertd import names, wal
 from alertd.config import CsvConfig
+from alertd.dispatch import MAX_RUNNING, Dispatcher
 from alertd.jobs import JobStore
+from alertd.protocol import Counts
 
 from bench.gen_csv import generate
 from tests.helpers import get_stats
@@ -120,3 +123,31 @@ def test_claim_many_claims_in_order_and_skips_what_is_not_a_file(tmp_path):
         if j is not None:
             assert json.loads((state / "spool" / f"{j.id}.json").read_text())["size"] == j.size
             j.park()
+
+
+def test_jobs_waiting_only_for_acks_free_their_running_slot(tmp_path):
+    """A job planned to the end leaves its running slot: more than MAX_RUNNING one-chunk
+    jobs have their chunks out at once; a dead worker's chunk brings its job back."""
+    state, inbox = tmp_path / "state", tmp_path / "inbox"
+    inbox.mkdir()
+    n = MAX_RUNNING + 36
+    for i in range(n):
+        (inbox / f"{i}.csv").write_bytes(b"user_id\nu%d\n" % i)
+    store = JobStore(state)
+    jobs = store.claim_many(sorted(inbox.iterdir()), CsvConfig(), 4096)
+    d = Dispatcher(state, store)
+    for j in jobs:
+        d.add(j)
+    chunks = []
+    while (c := d.next_chunk()) is not None and len(chunks) <= n:
+        chunks.append(c)
+    assert len(chunks) == n and len({c.job for c in chunks}) == n
+    assert {d.state(j.id) for j in jobs} == {"running"}
+    asyncio.run(d.requeue([chunks[0]]))  # its worker died before the ack
+    again = d.next_chunk()
+    assert again is not None and (again.job, again.seq) == (chunks[0].job, chunks[0].seq)
+    assert d.next_chunk() is None
+    for c in chunks[1:] + [again]:
+        d.ack(c.job, c.seq, Counts(rows=1, delivered=1))
+    assert not d.jobs
+    assert len(list((state / "done").glob("*.summary.json"))) == n
