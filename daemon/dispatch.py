@@ -353,8 +353,11 @@ class Dispatcher:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._finished(self._to_finish, self._write_summaries(self._to_finish))
-            self._to_finish = []
+            batch, self._to_finish = self._to_finish, []
+            staged = self._stage(batch)
+            self.store.publish(batch, staged)
+            self._finished(batch, [summary for summary, _ in staged])
+            self.store.sync_finished(batch)
             return
         if self._finisher is None:
             self._finisher = loop.create_task(self._finish_batches(), name="finish jobs")
@@ -366,7 +369,9 @@ class Dispatcher:
                 batch = self._to_finish[:FINISH_BATCH]
                 del self._to_finish[:FINISH_BATCH]
                 try:
-                    summaries = await loop.run_in_executor(None, self._write_summaries, batch)
+                    staged = await loop.run_in_executor(None, self._stage, batch)
+                    # On the loop: the summaries appear as their jobs leave the list.
+                    self.store.publish(batch, staged)
                 except Exception as e:  # e.g. a full disk: the jobs stay final, retried
                     log.error("cannot write the summaries of %d jobs (%s): retrying in %g s",
                               len(batch), reason_of(e), FINISH_RETRY,
@@ -374,17 +379,22 @@ class Dispatcher:
                     self._to_finish = batch + self._to_finish
                     await asyncio.sleep(FINISH_RETRY)
                     continue
-                self._finished(batch, summaries)
+                self._finished(batch, [summary for summary, _ in staged])
+                try:
+                    await loop.run_in_executor(None, self.store.sync_finished, batch)
+                except OSError as e:
+                    log.error("cannot fsync done/ and spool/ after %d summaries: %s",
+                              len(batch), reason_of(e))
         finally:
             self._finisher = None
 
-    def _write_summaries(self, jobs: list[Job]) -> list[dict]:
+    def _stage(self, jobs: list[Job]) -> list[tuple[dict, Path]]:
         # A replay credits its original job before its own summary: a crash in between
         # credits it again.
         for job in jobs:
             if job.kind == "replay":
                 replay.credit(self.store, job)
-        return self.store.finalize_many(jobs)
+        return self.store.stage_summaries(jobs)
 
     def _finished(self, jobs: list[Job], summaries: list[dict]) -> None:
         for job, summary in zip(jobs, summaries):

@@ -49,7 +49,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def write_tmp(path: Path, data: bytes) -> Path:
     """The first half of write_atomic: `data` fsynced under a dot name beside `path`;
     returns that name. Renaming it over `path` and fsyncing the folder (once for many
-    files: write_atomic_many) completes the write."""
+    files) completes the write."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # 0640 even over a leftover tmp file
     try:
@@ -58,16 +58,6 @@ def write_tmp(path: Path, data: bytes) -> Path:
     finally:
         os.close(fd)
     return tmp
-
-
-def write_atomic_many(files: list[tuple[Path, bytes]]) -> None:
-    """write_atomic for several files, with one fsync per folder instead of one per file:
-    each file is either old or new after a crash, and all are durable on return."""
-    tmps = [(write_tmp(path, data), path) for path, data in files]
-    for tmp, path in tmps:
-        os.rename(tmp, path)
-    for folder in dict.fromkeys(path.parent for path, _ in files):
-        fsync_dir(folder)
 
 
 def looks_binary(head: bytes) -> bool:
@@ -598,20 +588,43 @@ class JobStore:
         return self.finalize_many([job])[0]
 
     def finalize_many(self, jobs: list[Job]) -> list[dict]:
-        """finalize() for several jobs with the fsyncs shared: every summary written and
-        done/ fsynced once, then every file moved and spool/ fsynced once. Blocking."""
+        """finalize() for several jobs with the fsyncs shared (the three steps below in a
+        row). Blocking."""
+        staged = self.stage_summaries(jobs)
+        self.publish(jobs, staged)
+        self.sync_finished(jobs)
+        return [summary for summary, _ in staged]
+
+    def stage_summaries(self, jobs: list[Job]) -> list[tuple[dict, Path]]:
+        """Step 1 of finishing jobs: each summary written and fsynced under a dot name in
+        done/ (blocking: a thread). Returns (summary, its temporary path) per job."""
         now = time.time()
-        summaries = [self._summary(job, now) for job in jobs]
-        write_atomic_many([(self.done / f"{s['job']}.summary.json",
-                            orjson.dumps(s, option=orjson.OPT_INDENT_2)) for s in summaries])
+        out = []
+        for job in jobs:
+            summary = self._summary(job, now)
+            out.append((summary, write_tmp(self.done / f"{job.id}.summary.json",
+                                           orjson.dumps(summary, option=orjson.OPT_INDENT_2))))
+        return out
+
+    def publish(self, jobs: list[Job], staged: list[tuple[dict, Path]]) -> None:
+        """Step 2: each summary into place, then its file and manifest into done/ (in that
+        order, so a crash in between is finished by load_unfinished). Renames only, a few
+        µs each: the event loop runs it, so a summary appears in the same loop turn as
+        its job leaves the active list."""
+        for job, (_, tmp) in zip(jobs, staged):
+            os.rename(tmp, self.done / f"{job.id}.summary.json")
+            if not job.failed:
+                self._move_done(job.id, job.spool)
+            self.control_path(job.id).unlink(missing_ok=True)
+
+    def sync_finished(self, jobs: list[Job]) -> None:
+        """Step 3 (blocking): failed jobs' files to failed/ with their reason, then one
+        fsync of done/ and of spool/ for all the renames."""
         for job in jobs:
             if job.failed:
                 self.move_failed(job.id, job.name, job.spool, job.failed)
-            else:
-                self._move_done(job.id, job.spool)
-            self.control_path(job.id).unlink(missing_ok=True)
+        fsync_dir(self.done)
         fsync_dir(self.spool)
-        return summaries
 
     def _summary(self, job: Job, now: float) -> dict:
         c = job.counts
