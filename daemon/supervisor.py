@@ -52,9 +52,11 @@ from .watcher import InboxWatcher
 log = logging.getLogger("alertd.supervisor")
 
 PREFETCH = 2  # chunks handed to a worker ahead of its acks: one working, one waiting
-# ...or more while they are small (one host): many small files' chunks wait for their
-# acks at once, so one WAL commit covers many of them.
-PREFETCH_BYTES = 256 << 10  # bytes of chunks a worker may hold beyond PREFETCH chunks
+# ...or more while they are tiny (one host): many small files' chunks wait for their
+# acks at once, so one WAL commit covers many of them. Kept to a few thousand rows: a
+# worker works its chunks in order, so what it holds is what a job dropped now (a small
+# or a high-priority one) waits behind.
+PREFETCH_BYTES = 32 << 10  # bytes of chunks a worker may hold beyond PREFETCH chunks
 PREFETCH_MAX = 64  # chunks a worker holds at most, however small
 RESPAWN_DELAY = 1.0  # a worker that died young waits this long before its successor starts
 HUNG_AFTER = 30.0  # seconds without a heartbeat (it ticks ten times a second) = stuck
