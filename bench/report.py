@@ -15,6 +15,7 @@ TARGET_RSS_MB = 250.0
 TARGET_FIRST_MS = 100.0
 TARGET_RATE_TOLERANCE = 0.01
 TARGET_MOCK_RATIO = 0.8  # alertd against the mock vs against nginx, same run
+TARGET_SMALL_FILES = 500.0  # 10-row files/s, first rename to last summary
 
 
 def _n(v: float | None, digits: int = 0) -> str:
@@ -190,6 +191,14 @@ def targets(r: dict[str, Any]) -> list[str]:
         ok = abs(q["ratio"] - 1) <= TARGET_RATE_TOLERANCE and q["http_429"] == 0
         lines.append(f"{mark(ok)} rate within ±1 %, zero 429s: {q['ratio']:.4f}, "
                      f"{q['http_429']} × 429")
+    f = r.get("small_files")
+    if f:
+        ok = (f["complete"] and f["rows_delivered"] == f["rows_expected"]
+              and f["files_per_s"] >= TARGET_SMALL_FILES)
+        lines.append(f"{mark(ok)} small files ≥ 500 files/s ({f['rows_per_file']} rows each): "
+                     f"{_n(f['files_per_s'], 1)} files/s, {_n(f['jobs_finished'])} of "
+                     f"{_n(f['files'])} jobs, {_n(f['rows_delivered'])} of "
+                     f"{_n(f['rows_expected'])} rows in {_n(f['duration_s'], 1)} s")
     return lines
 
 

@@ -43,16 +43,17 @@ class Sizes:
     rate_s: float
     rate_rows: int
     micro_max_time: float
+    small_files: int  # 10-row files renamed into the inbox one after another
 
 
 # Full: each alertd run is >= 15 s at ~100k/s, the whole suite well under 10 min
 # even when alertd is slower (every run stops at run_timeout).
 FULL = Sizes(wrk_s=10, baseline_s=15, w1_rows=2_000_000, w2_rows=3_000_000, run_timeout=75,
              first=(("100MB", 100_000_000, 15), ("1GB", 1_000_000_000, 20)),
-             rate_s=30, rate_rows=200_000, micro_max_time=1.0)
+             rate_s=30, rate_rows=200_000, micro_max_time=1.0, small_files=3_000)
 QUICK = Sizes(wrk_s=3, baseline_s=4, w1_rows=200_000, w2_rows=300_000, run_timeout=30,
               first=(("20MB", 20_000_000, 4), ("100MB", 100_000_000, 5)),
-              rate_s=5, rate_rows=50_000, micro_max_time=0.2)
+              rate_s=5, rate_rows=50_000, micro_max_time=0.2, small_files=500)
 
 
 def say(msg: str) -> None:
@@ -177,6 +178,14 @@ class Suite:
             self.work, self.data / "rate.csv", 5000, s.rate_s), "rate")
         if q:
             say(f"rate: {q['achieved_per_s']:,.1f}/s of {q['configured']}, {q['http_429']} × 429")
+
+        def small() -> dict[str, Any]:
+            with Nginx(self.work, workers=os.cpu_count() or 2) as nginx:
+                return scenarios.small_files(nginx, self.work, s.small_files)
+        f = self.phase("small-files", small, "small_files")
+        if f:
+            say(f"small files: {f['files_per_s']:,.1f} files/s ({f['jobs_finished']} of "
+                f"{f['files']} jobs, {f['rows_delivered']:,} rows in {f['duration_s']} s)")
         self.phase("micro", lambda: micro(self.work, s.micro_max_time), "micro")
         # The ratios the table prints, also in the JSON for whoever compares runs later.
         wrk = (self.r.get("wrk") or {}).get("requests_per_s")

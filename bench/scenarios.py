@@ -210,3 +210,52 @@ def baseline(nginx: Nginx, csv: Path, max_seconds: float) -> dict[str, Any]:
         raise RuntimeError(f"baseline failed ({proc.returncode}): {stderr[-2000:]}")
     return {**json.loads(stdout.strip().splitlines()[-1]),
             "peak_rss_mb": measure.peak_rss_mb(sampler)}
+
+
+def small_files(nginx: Nginx | MockSink, workdir: Path, files: int, rows: int = 10,
+                timeout: float = 120.0, workers: int = 2) -> dict[str, Any]:
+    """`files` CSV files of `rows` rows each, renamed into a running alertd's inbox one
+    after another as fast as possible; files/s from the first rename to the last job's
+    summary (`finished_at`), rows delivered, and whether every job completed in time."""
+    from .gen_csv import generate
+
+    cfg = bench_config(workdir / "alertd-small", nginx.url, SAMPLE_SECRET,
+                       workers={"count": workers})
+    staging = workdir / "alertd-small" / "staging"  # same filesystem as the inbox: rename
+    staging.mkdir(parents=True, exist_ok=True)
+    srcs = []
+    for i in range(files):
+        p = staging / f"small-{i:05d}.csv"
+        generate(str(p), rows, seed=1000 + i)
+        srcs.append(p)
+    with Alertd(cfg) as d:
+        inbox, done = d.cfg.paths.inbox_dir, d.state / "done"
+        cpu0, split0 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
+        t_first = time.time()
+        for p in srcs:
+            os.rename(p, inbox / p.name)
+        t_renamed = time.time()
+        deadline = time.monotonic() + timeout
+        finished = 0
+        while time.monotonic() < deadline:
+            if d.proc is not None and d.proc.poll() is not None:
+                raise RuntimeError(f"alertd exited with {d.proc.returncode}:\n{d.log()[-3000:]}")
+            finished = sum(1 for n in os.listdir(done) if n.endswith(".summary.json"))
+            if finished >= files:
+                break
+            time.sleep(0.05)
+        t_seen = time.time()
+        cpu1, split1 = measure.cpu_seconds(d.pid), measure.cpu_split(d.pid)
+        summaries = d.summaries()
+        left_in_inbox = sum(1 for n in os.listdir(inbox) if not n.startswith("."))
+    complete = len(summaries) >= files and all(s.get("status") == "complete" for s in summaries)
+    end = max((_iso(s["finished_at"]) for s in summaries), default=t_seen)
+    dur = max(1e-3, (end if complete else t_seen) - t_first)
+    delivered = sum(s.get("delivered", 0) for s in summaries)
+    return {"files": files, "rows_per_file": rows, "workers": workers, "complete": complete,
+            "jobs_finished": len(summaries), "rows_delivered": delivered,
+            "rows_expected": files * rows, "duration_s": round(dur, 3),
+            "files_per_s": round(len(summaries) / dur, 1),
+            "rename_s": round(t_renamed - t_first, 3), "left_in_inbox": left_in_inbox,
+            "cpu_s": round(cpu1 - cpu0, 3),
+            "cpu_split_s": {k: round(split1[k] - split0[k], 3) for k in split1}}

@@ -31,6 +31,8 @@ log = logging.getLogger("alertd.dispatch")
 FINISHED_KEPT = FINISHED_LISTED  # summaries of the last finished jobs, for status and jobs
 MAX_RUNNING = 64  # jobs planned at once: each holds one descriptor and one chunk plan
 PRIORITIES = ("high", "normal", "low")  # strict order: a level runs only when those above wait
+FINISH_RETRY = 1.0  # seconds between attempts to write summaries that failed
+FINISH_BATCH = 256  # summaries written in one thread call (one fsync of done/ and spool/)
 
 
 class NoSuchJob(Exception):
@@ -51,10 +53,19 @@ class Dispatcher:
         self.priority: dict[str, str] = {}
         self._running = {p: deque[str]() for p in PRIORITIES}  # round robin: served job at the end
         self._queued = {p: deque[str]() for p in PRIORITIES}  # not yet planned, oldest first
+        # Planned to the end, waiting only for acks: out of the rings (a pass over them
+        # would ask each in vain) and off their running slot (no descriptor, no plan left).
+        # A chunk re-queued for one of them brings it back into its ring.
+        self._awaiting: set[str] = set()
         # Paused jobs leave the schedule (and free their running slot); the value says
         # whether the job had an open plan (it keeps it) or goes back to the queue.
         self.paused: dict[str, bool] = {}
         self._closing: set[str] = set()  # cancelled, final: counting rows for the summary
+        # Final, summaries being written (in a thread, many at once): still in `jobs`, shown
+        # as running, no longer controllable; they leave once their summaries are durable.
+        self._finishing: set[str] = set()
+        self._to_finish: list[Job] = []
+        self._finisher: asyncio.Task[None] | None = None
         self._promoted = 0  # how many jobs have left the queue, to notice it during a pass
 
     async def recover(self, csv: CsvConfig, chunk_bytes: int) -> None:
@@ -98,6 +109,8 @@ class Dispatcher:
             return "cancelled"
         if job_id in self.paused:
             return "paused"
+        if job_id in self._finishing or job_id in self._awaiting:
+            return "running"  # (finishing: until its summary is durable)
         # The rings hold at most MAX_RUNNING ids, the queues maybe thousands: ask the rings,
         # or a status snapshot of every job costs the square of the jobs queued.
         return "running" if any(job_id in r for r in self._running.values()) else "queued"
@@ -144,8 +157,12 @@ class Dispatcher:
                 return c
             if job.final:
                 self._finalize_if_final(job)  # leaves the ring
+            elif job.planned_all and not job.requeued:
+                ring.pop()  # only acks are left to come: it waits out of the ring
+                self._awaiting.add(job.id)
+                self._promote()  # its slot is free
             else:
-                idle += 1  # waiting for acks or requeues
+                idle += 1  # waiting for its plan's next chunk
         return None
 
     def ack(self, job_id: str, seq: int, counts: Counts) -> None:
@@ -185,6 +202,9 @@ class Dispatcher:
                 self.ack(chunk.job, chunk.seq, prior)
                 continue
             job.requeue(dataclasses.replace(chunk, done=done | chunk.done, prior=prior))
+            if job.id in self._awaiting:  # back into its ring, beyond MAX_RUNNING if need be
+                self._awaiting.discard(job.id)
+                self._running[self.priority[job.id]].append(job.id)
 
     # ------------------------------------------------------------ control
 
@@ -214,7 +234,7 @@ class Dispatcher:
         if action == "priority" and priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
         state = found.get("status", "complete") if isinstance(found, dict) else \
-            self.state(job_id)
+            self._final_state(found) if job_id in self._finishing else self.state(job_id)
         if state in ("complete", "failed", "cancelled"):
             verb = {"pause": "paused", "resume": "resumed", "cancel": "cancelled",
                     "priority": "given a priority"}[action]
@@ -262,6 +282,9 @@ class Dispatcher:
     def _detach(self, job_id: str) -> bool:
         """Take the job out of the rings and queues; True if it was running (planned)."""
         prio = self.priority.get(job_id, "normal")
+        if job_id in self._awaiting:
+            self._awaiting.discard(job_id)
+            return True
         if job_id in self._running[prio]:
             self._running[prio].remove(job_id)
             self._promote()  # its slot is free
@@ -272,8 +295,17 @@ class Dispatcher:
 
     # ------------------------------------------------------------ finishing
 
+    @staticmethod
+    def _final_state(job: Job) -> str:
+        return "failed" if job.failed else "cancelled" if job.cancelled else "complete"
+
+    def finishing(self, job_id: str) -> bool:
+        """Final, its summary not yet durable: no action applies any more."""
+        return job_id in self._finishing
+
     def _finalize_if_final(self, job: Job) -> None:
-        if not job.final or self.jobs.get(job.id) is not job or job.id in self._closing:
+        if not job.final or self.jobs.get(job.id) is not job or job.id in self._closing \
+                or job.id in self._finishing:
             return
         self._detach(job.id)
         self.paused.pop(job.id, None)
@@ -312,17 +344,75 @@ class Dispatcher:
         self._finish(job)
 
     def _finish(self, job: Job) -> None:
-        del self.jobs[job.id]
-        job.priority = self.priority.pop(job.id, job.priority)
-        if job.kind == "replay":  # before its own summary: a crash in between credits it again
-            replay.credit(self.store, job)
-        summary = self.store.finalize(job)
+        """Write the job's summary and move its file: in a thread, together with the other
+        jobs that became final meanwhile (one fsync per folder for all of them). Unit tests
+        without an event loop finish at once."""
+        job.priority = self.priority.get(job.id, job.priority)
+        self._finishing.add(job.id)
+        self._to_finish.append(job)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            batch, self._to_finish = self._to_finish, []
+            staged = self._stage(batch)
+            self.store.publish(batch, staged)
+            self._finished(batch, [summary for summary, _ in staged])
+            self.store.sync_finished(batch)
+            return
+        if self._finisher is None:
+            self._finisher = loop.create_task(self._finish_batches(), name="finish jobs")
+
+    async def _finish_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._to_finish:
+                batch = self._to_finish[:FINISH_BATCH]
+                del self._to_finish[:FINISH_BATCH]
+                try:
+                    staged = await loop.run_in_executor(None, self._stage, batch)
+                    # On the loop: the summaries appear as their jobs leave the list.
+                    self.store.publish(batch, staged)
+                except Exception as e:  # e.g. a full disk: the jobs stay final, retried
+                    log.error("cannot write the summaries of %d jobs (%s): retrying in %g s",
+                              len(batch), reason_of(e), FINISH_RETRY,
+                              exc_info=not isinstance(e, OSError))
+                    self._to_finish = batch + self._to_finish
+                    await asyncio.sleep(FINISH_RETRY)
+                    continue
+                self._finished(batch, [summary for summary, _ in staged])
+                try:
+                    await loop.run_in_executor(None, self.store.sync_finished, batch)
+                except OSError as e:
+                    log.error("cannot fsync done/ and spool/ after %d summaries: %s",
+                              len(batch), reason_of(e))
+        finally:
+            self._finisher = None
+
+    def _stage(self, jobs: list[Job]) -> list[tuple[dict, Path]]:
+        # A replay credits its original job before its own summary: a crash in between
+        # credits it again.
+        for job in jobs:
+            if job.kind == "replay":
+                replay.credit(self.store, job)
+        return self.store.stage_summaries(jobs)
+
+    def _finished(self, jobs: list[Job], summaries: list[dict]) -> None:
+        for job, summary in zip(jobs, summaries):
+            del self.jobs[job.id]
+            self.priority.pop(job.id, None)
+            self._finishing.discard(job.id)
+            self.finished.append(summary)
+            log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d cancelled, "
+                     "%d possible duplicates", job.id, summary["status"], summary["rows"],
+                     summary["delivered"], summary["rejected"], summary["dead"],
+                     summary["cancelled"], summary["possible_duplicates"])
+        self.finished = self.finished[-FINISHED_KEPT:]
         self._promote()
-        self.finished = (self.finished + [summary])[-FINISHED_KEPT:]
-        log.info("%s %s: %d rows, %d delivered, %d rejected, %d dead, %d cancelled, "
-                 "%d possible duplicates", job.id, summary["status"], summary["rows"],
-                 summary["delivered"], summary["rejected"], summary["dead"],
-                 summary["cancelled"], summary["possible_duplicates"])
+
+    async def settle(self) -> None:
+        """Return once every final job's summary is written (before the daemon exits)."""
+        while self._finisher is not None:
+            await asyncio.shield(self._finisher)
 
     def take_claim_failures(self) -> None:
         """Files that failed at claim (noted by the store's claim thread) join `finished`."""

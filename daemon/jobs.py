@@ -42,6 +42,14 @@ def iso(ts: float) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """tmp + fsync + rename + fsync(dir): the file is either old or new after a crash."""
+    os.rename(write_tmp(path, data), path)
+    fsync_dir(path.parent)
+
+
+def write_tmp(path: Path, data: bytes) -> Path:
+    """The first half of write_atomic: `data` fsynced under a dot name beside `path`;
+    returns that name. Renaming it over `path` and fsyncing the folder (once for many
+    files) completes the write."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)  # 0640 even over a leftover tmp file
     try:
@@ -49,8 +57,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+    return tmp
 
 
 def looks_binary(head: bytes) -> bool:
@@ -365,7 +372,10 @@ class JobStore:
             else:
                 doc = orjson.loads(text)
                 last = int(doc["last"])
-                claiming = {f"j{last:06d}": str(doc["name"])}
+                if "names" in doc:  # a batch of claims (allocate_ids)
+                    claiming = {str(k): str(v) for k, v in doc["names"].items()}
+                else:
+                    claiming = {f"j{last:06d}": str(doc["name"])}
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
@@ -390,42 +400,95 @@ class JobStore:
         write_atomic(self._seq_file, orjson.dumps({"last": self._last, "name": name}))
         return f"j{self._last:06d}"
 
+    def allocate_ids(self, names_: list[str]) -> list[str]:
+        """Ids for several claims with one durable write of jobseq, which keeps every
+        name (as allocate_id keeps its one)."""
+        ids = [f"j{self._last + i + 1:06d}" for i in range(len(names_))]
+        self._last += len(names_)
+        write_atomic(self._seq_file, orjson.dumps({"last": self._last,
+                                                   "names": dict(zip(ids, names_))}))
+        return ids
+
     def claim(self, path: Path, csv: CsvConfig, chunk_bytes: int) -> Job | None:
         """Move `path` into the spool and open it as a job; None if it vanished, is not a
         regular file, or cannot be read (then it is in failed/ with a .reason).
 
         Blocking (fsyncs): the supervisor runs it in a thread, one claim at a time.
         """
+        return self.claim_many([path], csv, chunk_bytes)[0]
+
+    def claim_many(self, paths: list[Path], csv: CsvConfig, chunk_bytes: int) -> list[Job | None]:
+        """claim() for each of `paths`, in order, with the fsyncs shared: one write of
+        jobseq for all their ids, then the renames, then each manifest fsynced and one
+        fsync of spool/ for all of them. A job is returned only once its manifest is
+        durable. Blocking: run it in a thread, one batch at a time."""
+        out: list[Job | None] = [None] * len(paths)
+        todo: list[tuple[int, Path, str]] = []
+        for i, path in enumerate(paths):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):  # directories, symlinks, FIFOs... stay, never opened
+                todo.append((i, path, names.escape(path.name)))
+        if not todo:
+            return out
+        # One name: allocate_id, as before batches; several: one jobseq write for all.
+        ids = [self.allocate_id(todo[0][2])] if len(todo) == 1 else \
+            self.allocate_ids([name for _, _, name in todo])
+        written: list[tuple[int, Job, Path]] = []
+        for (i, path, name), job_id in zip(todo, ids):
+            spool = self.spool / names.state_name(job_id, name)
+            try:
+                os.rename(path, spool)
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # the file stays in the inbox; the next rescan retries it
+                log.error("cannot claim %s: %s", name, reason_of(e))
+                continue
+            # What was renamed may not be what lstat saw (a producer can swap the name in
+            # between): only the descriptor opened now, checked to be a regular file, is read.
+            fd = None
+            try:
+                fd = open_regular(spool)
+                job = self._inspect(job_id, name, spool, fd, csv, chunk_bytes)
+                tmp = write_tmp(self.spool / f"{job_id}.json", orjson.dumps(job.manifest()))
+            except Exception as e:  # whatever one file does, the next claims go on
+                if fd is not None:
+                    os.close(fd)
+                self._claim_failed(job_id, name, spool, e)
+                continue
+            written.append((i, job, tmp))
+        done: list[tuple[int, Job]] = []
+        for i, job, tmp in written:
+            try:
+                os.rename(tmp, self.spool / f"{job.id}.json")
+            except OSError as e:
+                self._claim_failed(job.id, job.name, job.spool, e, job)
+                continue
+            done.append((i, job))
+        if not done:
+            return out
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISREG(st.st_mode):
-            return None  # directories, symlinks, FIFOs... stay in the inbox, never opened
-        name = names.escape(path.name)
-        job_id = self.allocate_id(name)
-        spool = self.spool / names.state_name(job_id, name)
-        try:
-            os.rename(path, spool)
-        except FileNotFoundError:
-            return None
-        # What was renamed may not be what lstat saw (a producer can swap the name in
-        # between): only the descriptor opened now, checked to be a regular file, is read.
-        fd = None
-        try:
-            fd = open_regular(spool)
-            job = self._inspect(job_id, name, spool, fd, csv, chunk_bytes)
-            write_atomic(self.spool / f"{job_id}.json", orjson.dumps(job.manifest()))
-        except Exception as e:  # whatever one file does, the next claims go on
-            if fd is not None:
-                os.close(fd)
-            if not isinstance(e, (InputError, OSError)):
-                log.exception("%s (%s): unexpected error while claiming", job_id, name)
-            self.move_failed(job_id, name, spool, reason_of(e))
-            self.claim_failures.append(failed_summary(job_id, name, reason_of(e), time.time()))
-            return None
-        log.info("claimed %s as %s (%d bytes)", name, job_id, job.size)
-        return job
+            fsync_dir(self.spool)  # the spool entries and their manifests, all at once
+        except OSError as e:
+            for _, job in done:
+                self._claim_failed(job.id, job.name, job.spool, e, job)
+            return out
+        for i, job in done:
+            log.info("claimed %s as %s (%d bytes)", job.name, job.id, job.size)
+            out[i] = job
+        return out
+
+    def _claim_failed(self, job_id: str, name: str, spool: Path, e: Exception,
+                      job: Job | None = None) -> None:
+        if job is not None and job._fd is not None:
+            os.close(job._fd)
+            job._fd = None
+        if not isinstance(e, (InputError, OSError)):
+            log.exception("%s (%s): unexpected error while claiming", job_id, name)
+        self.move_failed(job_id, name, spool, reason_of(e))
+        self.claim_failures.append(failed_summary(job_id, name, reason_of(e), time.time()))
 
     def _inspect(self, job_id: str, name: str, spool: Path, fd: int, csv: CsvConfig,
                  chunk_bytes: int) -> Job:
@@ -522,8 +585,49 @@ class JobStore:
     def finalize(self, job: Job) -> dict:
         """Write the summary, move the file to done/, drop the manifest (in that order,
         so a crash in between is finished by load_unfinished)."""
-        c = job.counts
+        return self.finalize_many([job])[0]
+
+    def finalize_many(self, jobs: list[Job]) -> list[dict]:
+        """finalize() for several jobs with the fsyncs shared (the three steps below in a
+        row). Blocking."""
+        staged = self.stage_summaries(jobs)
+        self.publish(jobs, staged)
+        self.sync_finished(jobs)
+        return [summary for summary, _ in staged]
+
+    def stage_summaries(self, jobs: list[Job]) -> list[tuple[dict, Path]]:
+        """Step 1 of finishing jobs: each summary written and fsynced under a dot name in
+        done/ (blocking: a thread). Returns (summary, its temporary path) per job."""
         now = time.time()
+        out = []
+        for job in jobs:
+            summary = self._summary(job, now)
+            out.append((summary, write_tmp(self.done / f"{job.id}.summary.json",
+                                           orjson.dumps(summary, option=orjson.OPT_INDENT_2))))
+        return out
+
+    def publish(self, jobs: list[Job], staged: list[tuple[dict, Path]]) -> None:
+        """Step 2: each summary into place, then its file and manifest into done/ (in that
+        order, so a crash in between is finished by load_unfinished). Renames only, a few
+        µs each: the event loop runs it, so a summary appears in the same loop turn as
+        its job leaves the active list."""
+        for job, (_, tmp) in zip(jobs, staged):
+            os.rename(tmp, self.done / f"{job.id}.summary.json")
+            if not job.failed:
+                self._move_done(job.id, job.spool)
+            self.control_path(job.id).unlink(missing_ok=True)
+
+    def sync_finished(self, jobs: list[Job]) -> None:
+        """Step 3 (blocking): failed jobs' files to failed/ with their reason, then one
+        fsync of done/ and of spool/ for all the renames."""
+        for job in jobs:
+            if job.failed:
+                self.move_failed(job.id, job.name, job.spool, job.failed)
+        fsync_dir(self.done)
+        fsync_dir(self.spool)
+
+    def _summary(self, job: Job, now: float) -> dict:
+        c = job.counts
         summary = {"job": job.id, "file": job.name, **c.as_dict(),
                    "started_at": iso(job.started_at), "finished_at": iso(now),
                    "duration_s": round(now - job.started_at, 3), "bytes": job.size,
@@ -533,16 +637,13 @@ class JobStore:
             summary.update(kind=job.kind, replay_of=job.replay_of)
         if job.failed:
             summary["reason"] = job.failed
-        write_atomic(self.done / f"{job.id}.summary.json",
-                     orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-        if job.failed:
-            self.move_failed(job.id, job.name, job.spool, job.failed)
-        else:
-            self._finish_moves(job.id, job.spool)
-        self.control_path(job.id).unlink(missing_ok=True)
         return summary
 
     def _finish_moves(self, job_id: str, spool: Path) -> None:
+        self._move_done(job_id, spool)
+        fsync_dir(self.spool)
+
+    def _move_done(self, job_id: str, spool: Path) -> None:
         try:
             if self.keep_sources:
                 os.rename(spool, self.done / spool.name)
@@ -554,4 +655,3 @@ class JobStore:
             os.rename(self.spool / f"{job_id}.json", self.done / f"{job_id}.manifest.json")
         except FileNotFoundError:
             pass
-        fsync_dir(self.spool)

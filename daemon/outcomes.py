@@ -11,6 +11,7 @@ marker or a WAL sync, whichever comes first; the counts move per row at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -59,6 +60,8 @@ class Recorder:
         self._reported: dict[str, tuple[int, ...]] = {}  # the last Progress sent
         self._dirty: list[ChunkState] = []  # chunks with row records not yet encoded
         self._flush_due = False  # a flush is scheduled for the end of this loop turn
+        self._durable: list[ChunkState] = []  # chunks whose records are durable, not yet acked
+        self._blocking = False  # the pipe is set back to blocking (_send)
 
     def unacked(self) -> dict[str, Counts]:
         """Per job, the counts of this worker's chunks not yet acknowledged."""
@@ -77,7 +80,7 @@ class Recorder:
                      c.cancelled) for job, c in counts.items()}
         if force or key != self._reported:
             self._reported = key
-            self.conn.send(Progress(self.index, counts))
+            self._send(Progress(self.index, counts))
 
     def fence(self, cs: ChunkState) -> None:
         """The chunk is another node's now: its records not yet encoded are dropped (the
@@ -164,7 +167,25 @@ class Recorder:
         await self.side.sync()
         self.flush()
         await self.wal.sync()
-        self.conn.send(ChunkAck(self.index, cs.chunk.job, cs.chunk.seq, cs.counts))
-        # Those counts are durable now: replace the live report in the same turn, ack first.
-        self.open.discard(cs)
+        self._durable.append(cs)
+        if len(self._durable) > 1:
+            return  # the first chunk of this commit sends the acks of all
+        # Every chunk the same commit made durable resumes in this loop turn: one turn
+        # later they are all here, and go out together, followed by one Progress.
+        await asyncio.sleep(0)
+        batch, self._durable = self._durable, []
+        for d in batch:
+            self._send(ChunkAck(self.index, d.chunk.job, d.chunk.seq, d.counts))
+        # Those counts are durable now: replace the live report in the same turn, acks first.
+        self.open.difference_update(batch)
         self.report(force=True)
+
+    def _send(self, msg: object) -> None:
+        if not self._blocking:
+            # The event loop's add_reader made the pipe non-blocking (uvloop does): a send
+            # into a full pipe would then raise half-way through a message. Blocking, a
+            # send waits for the supervisor to read instead (it always does: it never
+            # waits on a worker).
+            os.set_blocking(self.conn.fileno(), True)
+            self._blocking = True
+        self.conn.send(msg)

@@ -52,8 +52,15 @@ from .watcher import InboxWatcher
 log = logging.getLogger("alertd.supervisor")
 
 PREFETCH = 2  # chunks handed to a worker ahead of its acks: one working, one waiting
+# ...or more while they are tiny (one host): many small files' chunks wait for their
+# acks at once, so one WAL commit covers many of them. Kept to a few thousand rows: a
+# worker works its chunks in order, so what it holds is what a job dropped now (a small
+# or a high-priority one) waits behind.
+PREFETCH_BYTES = 32 << 10  # bytes of chunks a worker may hold beyond PREFETCH chunks
+PREFETCH_MAX = 64  # chunks a worker holds at most, however small
 RESPAWN_DELAY = 1.0  # a worker that died young waits this long before its successor starts
 HUNG_AFTER = 30.0  # seconds without a heartbeat (it ticks ten times a second) = stuck
+SETTLE_TIMEOUT = 10.0  # seconds a stopping supervisor waits for summaries being written
 
 
 @dataclass
@@ -148,6 +155,11 @@ class Supervisor:
                 get.cancel()
         for t in self._tasks:
             t.cancel()
+        try:  # the summaries of jobs that became final; a restart would write them too
+            await asyncio.wait_for(self.dispatch.settle(), SETTLE_TIMEOUT)
+        except TimeoutError:
+            log.error("job summaries not written within %g s: the next start writes them",
+                      SETTLE_TIMEOUT)
         if self.node is not None:
             await self.node.leave(self.planner.holder if self.planner and self.planner.active
                                   else None)
@@ -328,22 +340,33 @@ class Supervisor:
         self._kick()
 
     def _pump(self) -> None:
-        """Hand out chunks until every live worker holds PREFETCH or nothing is left."""
+        """Hand out chunks, round robin over the live workers, until each holds enough
+        (_wants_more) or nothing is left."""
         if self.draining:
             return
         live = [w for w in self.workers.values() if w.ready and not w.retiring]
         paused = self.dispatch.paused
-        for _ in range(PREFETCH):
-            for w in live:
-                # A paused job's chunks stay with the worker that holds them, unacked; they
-                # do not count here, so they never keep other jobs' chunks from it.
-                if sum(1 for job, _ in w.chunks if job not in paused) >= PREFETCH:
+        while live:
+            for w in list(live):
+                if not self._wants_more(w, paused):
+                    live.remove(w)
                     continue
                 c = self.source.next_chunk()
                 if c is None:
                     return
                 w.chunks[(c.job, c.seq)] = c
                 w.conn.send(c)
+
+    def _wants_more(self, w: WorkerHandle, paused: dict[str, bool]) -> bool:
+        """PREFETCH chunks, or up to PREFETCH_MAX while they hold under PREFETCH_BYTES
+        (not in a cluster, whose node buffers PREFETCH per worker). A paused job's chunks
+        stay with the worker that holds them, unacked; they do not count here, so they
+        never keep other jobs' chunks from it."""
+        held = [c for (job, _), c in w.chunks.items() if job not in paused]
+        if len(held) < PREFETCH:
+            return True
+        return self.node is None and len(held) < PREFETCH_MAX and \
+            sum(c.end - c.start for c in held) < PREFETCH_BYTES
 
     async def control_job(self, job_id: str, action: str,
                           priority: str | None = None) -> dict[str, Any]:
@@ -378,7 +401,8 @@ class Supervisor:
             try:
                 d.check(job_id, action, priority)  # it may have finished while we wrote
             except (NoSuchJob, NotAllowed):
-                if job_id not in d.jobs:  # finalize removed the file before we wrote it
+                # Finished meanwhile: finalize removes the file, maybe before we wrote it.
+                if job_id not in d.jobs or d.finishing(job_id):
                     self.store.control_path(job_id).unlink(missing_ok=True)
                 raise
             d.apply(job_id, action, priority)
@@ -458,6 +482,10 @@ class Supervisor:
         self.workers[index] = w
         loop = asyncio.get_running_loop()
         loop.add_reader(parent.fileno(), self._on_worker_msg, w)
+        # uvloop's add_reader made it non-blocking: a send into a full pipe would raise
+        # half-way through a message. What goes to a worker is bounded (PREFETCH_MAX chunks
+        # and control messages), so a blocking send never waits long.
+        os.set_blocking(parent.fileno(), True)
         loop.add_reader(proc.sentinel, self._on_worker_exit, w)
         return w
 

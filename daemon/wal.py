@@ -350,14 +350,17 @@ class WalWriter:
             self._wake.set()
 
     async def sync(self) -> None:
-        """Return once everything appended before this call is written and fsynced."""
+        """Return once everything appended before this call is written and fsynced; starts
+        a commit at once instead of waiting for the interval."""
         target = self._appended
         if self._durable >= target:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
-        if self._always:
-            self._wake.set()
+        # Someone waits (a chunk ack): commit now rather than at the next interval. Syncs
+        # that come while a commit is in flight share the next one (group commit), so a
+        # burst of small chunks costs one fsync per commit, not one each.
+        self._wake.set()
         await fut
 
     async def run(self) -> None:

@@ -34,22 +34,33 @@ def scan(inbox: Path, quiet: float = SCAN_QUIET) -> list[Path]:
     """Regular files already in the inbox, oldest first, except those modified in the
     last `quiet` seconds: a scan cannot tell a finished file from one still being written
     in place (its close-write event, or the next scan, brings it once it is quiet)."""
+    return scan_quiet(inbox, quiet)[0]
+
+
+def scan_quiet(inbox: Path, quiet: float = SCAN_QUIET) -> tuple[list[Path], float | None]:
+    """scan(), and in how many seconds the youngest file it left is quiet (None: it left
+    none), so that the caller can scan again then rather than at its next rescan."""
     found = []
-    newest = time.time_ns() - int(quiet * 1e9)
+    now = time.time_ns()
+    newest = now - int(quiet * 1e9)
+    young: int | None = None
     try:
         entries = list(os.scandir(inbox))
     except OSError as e:
         log.error("cannot scan inbox %s: %s", inbox, e)
-        return []
+        return [], None
     for e in entries:
         try:
             if wanted(e.name) and e.is_file(follow_symlinks=False):
                 mtime = e.stat(follow_symlinks=False).st_mtime_ns
                 if mtime <= newest:
                     found.append((mtime, e.name))
+                else:
+                    young = mtime if young is None else max(young, mtime)
         except OSError:
             continue  # vanished between listing and stat
-    return [inbox / name for _, name in sorted(found)]
+    wait = None if young is None else max(0.0, (young - newest) / 1e9)
+    return [inbox / name for _, name in sorted(found)], wait
 
 
 class _Handler(pyinotify.ProcessEvent):
