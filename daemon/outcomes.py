@@ -11,7 +11,6 @@ marker or a WAL sync, whichever comes first; the counts move per row at once.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -61,7 +60,6 @@ class Recorder:
         self._dirty: list[ChunkState] = []  # chunks with row records not yet encoded
         self._flush_due = False  # a flush is scheduled for the end of this loop turn
         self._durable: list[ChunkState] = []  # chunks whose records are durable, not yet acked
-        self._blocking = False  # the pipe is set back to blocking (_send)
 
     def unacked(self) -> dict[str, Counts]:
         """Per job, the counts of this worker's chunks not yet acknowledged."""
@@ -181,11 +179,4 @@ class Recorder:
         self.report(force=True)
 
     def _send(self, msg: object) -> None:
-        if not self._blocking:
-            # The event loop's add_reader made the pipe non-blocking (uvloop does): a send
-            # into a full pipe would then raise half-way through a message. Blocking, a
-            # send waits for the supervisor to read instead (it always does: it never
-            # waits on a worker).
-            os.set_blocking(self.conn.fileno(), True)
-            self._blocking = True
-        self.conn.send(msg)
+        self.conn.send(msg)  # a blocking pipe: see Worker.run

@@ -179,6 +179,10 @@ class Worker:
         self.wal.open()
         wal_task = loop.create_task(self.wal.run())
         loop.add_reader(self.conn.fileno(), self._on_readable)
+        # uvloop's add_reader made the pipe non-blocking: a send into a full pipe would raise
+        # half-way through a message (an ack lost, the stream torn). Blocking, a send waits
+        # for the supervisor to read instead (it always does: it never waits on a worker).
+        os.set_blocking(self.conn.fileno(), True)
         self.slot.pid = os.getpid()
         log.info("worker %d: row path %s", self.index, rowpath.IMPL)
         self._resize_lanes()
