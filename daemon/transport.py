@@ -14,47 +14,31 @@ import base64
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import httptools
+from .httpconn import (
+    MAX_HEAD,
+    MAX_HEADERS,
+    Connection,
+    Endpoint,
+    NextRequest,
+    OnResult,
+    Response,
+    Run,
+    TransportError,
+    tls_reason,
+)
 
 if TYPE_CHECKING:
     from .config import WebhookConfig
 
+__all__ = ["MAX_HEAD", "MAX_HEADERS", "USER_AGENT", "NextRequest", "OnResult", "Pool",
+           "Response", "TransportError", "request_head", "tls_context", "webhook_tls"]
+
 USER_AGENT = "alertd/0.1"
-MAX_HEAD = 64 << 10  # bytes of response head(s) per request, interim 1xx heads included
-MAX_HEADERS = 100  # header lines per response
 _SLOT = object()  # handed to a waiter instead of a connection: "a slot is yours, connect"
-# (host, port, TLS context or None): connections outlive a reload only if equal
-_Endpoint = tuple[str, int, "ssl.SSLContext | None"]
-
-
-class _Reject(Exception):
-    """Raised inside a parser callback: the response breaks a rule (message says which)."""
-
-
-class TransportError(Exception):
-    """A request failed below HTTP. `sent` is True when the whole request had been
-    handed to the socket, so the receiver may have processed it (outcome unknown)."""
-
-    def __init__(self, kind: str, sent: bool, detail: str = "") -> None:
-        # str() is the whole text ("timeout: no response within 5 s"): callers add nothing.
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind  # "connect", "timeout", "closed" or "protocol"
-        self.sent = sent
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    retry_after: bytes | None = None  # raw Retry-After value; policy.py parses it
-
-
-# Frozen, so the common answers can be shared rather than built per request.
-_PLAIN = {code: Response(code) for code in range(100, 600)}
 
 
 def tls_context(ca_file: str | None = None, client_cert: str | None = None,
@@ -105,314 +89,14 @@ def request_head(url: str, headers: Sequence[tuple[str, str]] = ()) -> bytes:
     return _parse(url, headers)[3]
 
 
-def _why(e: BaseException) -> str:
-    """The text of a protocol error: our own rule if a parser callback raised it."""
-    if isinstance(e, _Reject):
-        return str(e)
-    if isinstance(e, httptools.HttpParserUpgrade):
-        return "unexpected protocol upgrade"
-    if isinstance(e.__context__, _Reject):
-        return str(e.__context__)
-    return f"bad response: {e}"
-
-
-def _tls_reason(e: ssl.SSLError) -> str:
-    if isinstance(e, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {e.verify_message}"
-    return (e.reason or str(e)).lower().replace("_", " ")
-
-
 def _connect_error(host: str, port: int, e: OSError) -> str:
     if isinstance(e, ssl.SSLError):
-        return f"TLS handshake with {host}:{port} failed: {_tls_reason(e)}"
+        return f"TLS handshake with {host}:{port} failed: {tls_reason(e)}"
     if isinstance(e, socket.gaierror):
         return f"cannot resolve {host}: {e.strerror}"
     if isinstance(e, ConnectionRefusedError):
         return f"{host}:{port}: connection refused"
     return f"{host}:{port}: {e.strerror or e}"
-
-
-# What a run of requests is told of each one, in the order they were sent: its response or
-# the TransportError that ended it.
-OnResult = Callable[["Response | TransportError"], None]
-# Asked, while the run's connection is free for another request (keep-alive, same
-# endpoint, fewer than `pipeline` unanswered), for the next one: None when there is none.
-NextRequest = Callable[[], "bytes | None"]
-
-
-class _Run:
-    """The requests one caller sends on one connection (see Pool.exchange): each result is
-    handed to on_result from the connection's callbacks, each next request comes from
-    more(), and only the end of the whole run wakes the caller."""
-
-    __slots__ = ("on_result", "more", "end")
-
-    def __init__(self, on_result: OnResult, more: NextRequest | None,
-                 end: asyncio.Future[None]) -> None:
-        self.on_result, self.more, self.end = on_result, more, end
-
-    def _raise(self, e: BaseException) -> None:
-        # the caller's bug: end the run and raise it there
-        self.more = None
-        if not self.end.done():
-            self.end.set_exception(e)
-
-    def result(self, r: Response | TransportError) -> None:
-        try:
-            self.on_result(r)
-        except BaseException as e:
-            self._raise(e)
-
-    def next(self) -> bytes | None:
-        more = self.more
-        if more is None:
-            return None
-        try:
-            return more()
-        except BaseException as e:
-            self._raise(e)
-            return None
-
-    def finish(self) -> None:
-        if not self.end.done():
-            self.end.set_result(None)
-
-
-class _Conn(asyncio.Protocol):
-    """One keep-alive connection: one run at a time, up to the pool's `pipeline` requests
-    of it unanswered (HTTP/1.1 pipelining above 1), answered in order."""
-
-    __slots__ = ("pool", "endpoint", "loop", "transport", "parser", "run", "out", "queued",
-                 "timer", "timer_at", "connect_deadline", "code", "retry_after", "framed",
-                 "keep", "closing", "answers", "ready", "lost", "lost_waiter", "head_room", "headers",
-                 "used", "wbuf")
-
-    def __init__(self, pool: Pool, endpoint: _Endpoint, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool, self.endpoint, self.loop = pool, endpoint, loop
-        self.transport: Any = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.run: _Run | None = None  # the run whose requests are on this connection
-        self.out: deque[float] = deque()  # deadlines of the unanswered requests, oldest first
-        self.queued = 0  # of those, the newest ones not yet handed to the socket
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
-        self.connect_deadline = 0.0  # a new connection's first request shares its connect deadline
-        self.code = 0
-        self.retry_after: bytes | None = None
-        # framed: Content-Length or Transfer-Encoding seen, so EOF is not the end of the body
-        self.framed = self.keep = self.closing = self.lost = False
-        self.answers = 0  # responses completed on this connection
-        self.ready: list[Response] = []  # responses of the read being parsed, not yet handed out
-        self.lost_waiter: asyncio.Future[None] | None = None
-        self.head_room = MAX_HEAD  # head bytes this request's response may still take
-        self.headers = 0  # header lines of the response being parsed
-        self.used = False  # a response completed on this connection
-        self.wbuf: list[bytes] | None = None  # requests queued for the loop's write turn
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.pool._adopt(self)
-
-    def data_received(self, data: bytes) -> None:
-        if not self.out:  # bytes nobody asked for: the stream can't be trusted
-            return self.drop(abort=True)
-        answers = self.answers
-        try:
-            if self.code == 0 and len(data) > self.head_room:
-                self._feed_head(data)
-            else:
-                self.parser.feed_data(data)
-                if self.code == 0 and self.answers == answers:  # still inside one head
-                    self.head_room -= len(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade, _Reject) as e:
-            # Responses of this read not yet handed out fail too: the read broke the rules.
-            self.ready.clear()
-            return self.fail(TransportError("protocol", True, _why(e)))
-        if self.ready:
-            self._hand_out()
-
-    def _feed_head(self, data: bytes) -> None:
-        # Feed only what the head may still take: a receiver streaming one endless
-        # header must not grow the parser's buffer (httptools joins header bytes).
-        room = max(0, self.head_room)
-        answers = self.answers
-        self.parser.feed_data(data[:room])
-        if self.code == 0 and self.answers == answers:
-            raise _Reject(f"response head over {MAX_HEAD >> 10} KiB")
-        self.parser.feed_data(data[room:])
-
-    def eof_received(self) -> bool:
-        if not self.out:  # the server closed an idle connection: never hand it out again
-            self.lost = True
-            self.pool._forget(self)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.out and self.code >= 200 and not self.framed:
-            self.keep = False
-            self.on_message_complete()  # a body delimited by EOF: this close is its end
-            self._hand_out()
-        if self.out:
-            if self.endpoint[2] is not None and not self.used and self.code == 0 and \
-                    self.head_room == MAX_HEAD and isinstance(exc, (ssl.SSLError, ConnectionResetError)):
-                # A TLS 1.3 server checks our client certificate after our side of the
-                # handshake has ended: its refusal (an alert, often lost to the reset that
-                # follows) ends the first request. The application never saw it.
-                host, port, _ = self.endpoint
-                why = _tls_reason(exc) if isinstance(exc, ssl.SSLError) else \
-                    "connection reset before any response (client certificate refused?)"
-                self.fail(TransportError("connect", False, f"TLS handshake with {host}:{port} "
-                                                           f"failed: {why}"))
-            else:
-                why = f"peer closed the connection ({exc})" if exc else "peer closed the connection"
-                self.fail(TransportError("closed", True, why))
-        elif self.run is not None:
-            self._end_run()
-        self.pool._forget(self)
-        if self.lost_waiter is not None and not self.lost_waiter.done():
-            self.lost_waiter.set_result(None)
-
-    # httptools callbacks; on_body is left out on purpose so bodies are skipped in C.
-    def on_message_begin(self) -> None:
-        if len(self.ready) >= len(self.out):
-            raise _Reject("bytes after the response: a second response to one request"
-                          if len(self.out) <= 1 else "more responses than requests")
-        if self.closing:
-            raise _Reject("bytes after a response that closed the connection")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers += 1
-        if self.headers > MAX_HEADERS:
-            raise _Reject(f"more than {MAX_HEADERS} response headers")
-        n = len(name)  # a length test first keeps most headers to one integer comparison
-        if n == 11:
-            if name.lower() == b"retry-after":
-                self.retry_after = value
-        elif (n == 14 and name.lower() == b"content-length") or (
-                n == 17 and name.lower() == b"transfer-encoding"):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        self.code = self.parser.get_status_code()
-        if self.code == 101:  # we never ask to upgrade: a receiver switching is not HTTP
-            raise _Reject("unexpected 101 Switching Protocols")
-        self.keep = self.parser.should_keep_alive()  # Connection: close, HTTP/1.0, EOF bodies
-
-    def on_message_complete(self) -> None:
-        if self.code < 200:  # an interim 1xx: the real response follows (same head budget)
-            self.code, self.retry_after, self.framed, self.headers = 0, None, False, 0
-            self.used = True  # the server has seen this request
-        else:
-            ra = self.retry_after
-            self.ready.append((ra is None and _PLAIN.get(self.code)) or Response(self.code, ra))
-            self.code, self.retry_after, self.framed = 0, None, False
-            self.head_room, self.headers, self.used = MAX_HEAD, 0, True
-            self.answers += 1
-            if not self.keep:
-                self.closing = True  # the connection ends after this response
-
-    def usable(self) -> bool:
-        return not self.lost and not self.transport.is_closing()
-
-    def send(self, data: bytes, deadline: float) -> None:
-        self.out.append(deadline)
-        self.queued += 1
-        self.pool._sent += 1
-        # One timer per connection, moved lazily: a request only stores its deadline and
-        # the timer re-arms itself when it fires early (for the oldest unanswered one). A
-        # new one is needed only when none is pending or it would fire too late (a reload
-        # shortened the timeout).
-        timer = self.timer
-        if timer is None or deadline < self.timer_at:
-            if timer is not None:
-                timer.cancel()
-            self.timer, self.timer_at = self.loop.call_at(deadline, self._on_timer), deadline
-        self.pool._queue_write(self, data)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        if not self.out:
-            return
-        deadline = self.out[0]
-        if self.loop.time() + 0.001 >= deadline:  # timers may fire a hair early
-            host, port, _ = self.endpoint
-            self.fail(TransportError("timeout", True, f"no response from {host}:{port} within "
-                                                      f"{self.pool.timeout:g} s"))
-        else:
-            self.timer, self.timer_at = self.loop.call_at(deadline, self._on_timer), deadline
-
-    def _hand_out(self) -> None:
-        """The responses of a whole read, each to its request, oldest first; then the run
-        fills the connection again, in this callback (no wake-up of its caller)."""
-        ready, run = self.ready, self.run
-        n = len(ready)
-        for i in range(n):
-            self.out.popleft()
-            if run is not None:
-                run.result(ready[i])
-        ready.clear()
-        self.pool._sent -= n
-        if self.closing:
-            self._closed_after_answer()
-        elif run is not None and not self.lost:
-            self._fill(run)
-
-    def _fill(self, run: _Run) -> None:
-        pool = self.pool
-        if pool._reusable(self) and self.usable():
-            depth = pool._pipeline
-            while len(self.out) < depth:
-                nxt = run.next()
-                if nxt is None:
-                    break
-                self.send(nxt, self.loop.time() + pool._timeout)
-        if not self.out:
-            self._end_run()
-
-    def _end_run(self) -> None:
-        run, self.run = self.run, None
-        if run is not None:
-            run.finish()
-        self.pool._release(self, self.keep and not self.closing)
-
-    def _closed_after_answer(self) -> None:
-        # A response said the connection ends: requests pipelined behind it are unanswered.
-        if self.out:
-            self.fail(TransportError("closed", True, "the receiver closed the connection "
-                                                     "with requests still unanswered"))
-        elif self.run is not None:
-            self._end_run()
-        else:
-            self.drop()
-
-    def fail(self, exc: TransportError) -> None:
-        """End every unanswered request with `exc` (those never handed to the socket as not
-        sent), and the run with them; the stream is in an unknown state."""
-        run, self.run = self.run, None
-        n, unwritten = len(self.out), self.queued
-        self.out.clear()
-        self.queued = 0
-        self.pool._sent -= n
-        if run is not None:
-            for i in range(n):
-                if exc.sent and i >= n - unwritten:
-                    run.result(TransportError("closed", False, "connection lost before the "
-                                                               "request was written"))
-                else:
-                    run.result(exc)
-            run.finish()
-        self.drop(abort=True)
-
-    def drop(self, abort: bool = False) -> None:
-        """Never use this connection again; abort when its stream is in an unknown state."""
-        self.lost = True
-        self.pool._forget(self)
-        if self.transport is not None:
-            self.transport.abort() if abort else self.transport.close()
 
 
 class Pool:
@@ -423,15 +107,15 @@ class Pool:
                  ssl_context: ssl.SSLContext | None = None, pipeline: int = 1) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ssl = ssl_context
-        self._idle: list[_Conn] = []  # LIFO: the freshest connection is least likely timed out
-        self._conns: set[_Conn] = set()  # adopted and not yet forgotten
-        self._waiters: deque[asyncio.Future[Any]] = deque()  # each gets a _Conn or _SLOT
+        self._idle: list[Connection] = []  # LIFO: the freshest connection is least likely timed out
+        self._conns: set[Connection] = set()  # adopted and not yet forgotten
+        self._waiters: deque[asyncio.Future[Any]] = deque()  # each gets a Connection or _SLOT
         self._open = 0  # connections open or being opened; above _size only after a shrink
         self._opened = self._acquiring = 0
         self._sent = 0  # requests queued or written and not yet answered, all connections
         self._closed = False
-        self._writes: list[_Conn] = []  # connections with requests to write at the loop's turn
-        self._endpoint: _Endpoint | None = None
+        self._writes: list[Connection] = []  # connections with requests to write at the loop's turn
+        self._endpoint: Endpoint | None = None
         self.reconfigure(url, size=size, timeout=timeout, headers=headers, pipeline=pipeline)
 
     @property
@@ -535,7 +219,7 @@ class Pool:
             self._acquiring -= 1
         deadline = conn.connect_deadline or loop.time() + self._timeout
         conn.connect_deadline = 0.0
-        conn.run = run = _Run(on_result, more, loop.create_future())
+        conn.run = run = Run(on_result, more, loop.create_future())
         conn.send(request, deadline)
         if self._pipeline > 1 and more is not None:
             conn._fill(run)
@@ -554,7 +238,7 @@ class Pool:
         self._loop = asyncio.get_running_loop()
         return self._loop
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> _Conn:
+    async def _acquire(self, loop: asyncio.AbstractEventLoop) -> Connection:
         """A live connection: a released one handed over in FIFO order, or a new one."""
         while True:
             if self._open < self._size and not self._waiters:
@@ -577,11 +261,11 @@ class Pool:
                 return got
             got.drop()
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Conn:
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
         """Open a connection in a slot already counted in _open; the slot is freed on failure."""
         assert self._endpoint is not None
         host, port, ctx = endpoint = self._endpoint
-        conn = _Conn(self, endpoint, loop)
+        conn = Connection(self, endpoint, loop)
         conn.connect_deadline = deadline = loop.time() + self._timeout
         try:  # one timeout context per connect (not per request) is cheap enough
             async with asyncio.timeout_at(deadline):
@@ -603,7 +287,7 @@ class Pool:
             raise TransportError("closed", False, f"{host}:{port} closed at once")
         return conn
 
-    def _queue_write(self, conn: _Conn, data: bytes) -> None:
+    def _queue_write(self, conn: Connection, data: bytes) -> None:
         # Writes wait for the end of this loop iteration and then go out back to back:
         # the receiver is woken once per batch instead of once per request. Each
         # wake-up of an idle peer costs a cross-CPU interrupt, which dominated the
@@ -631,16 +315,16 @@ class Pool:
                 conn.queued -= len(buf)
 
     # Bookkeeping called by connections. A slot is held from _acquire until _forget.
-    def _adopt(self, conn: _Conn) -> None:
+    def _adopt(self, conn: Connection) -> None:
         self._conns.add(conn)
         self._opened += 1
 
-    def _reusable(self, conn: _Conn) -> bool:
+    def _reusable(self, conn: Connection) -> bool:
         """Whether a connection that finished a request may carry another (not after a
         close, a reload to another endpoint, or a shrink below the connections open)."""
         return not self._closed and conn.endpoint is self._endpoint and self._open <= self._size
 
-    def _release(self, conn: _Conn, keep: bool) -> None:
+    def _release(self, conn: Connection, keep: bool) -> None:
         if not keep or not self._reusable(conn):
             return conn.drop()
         while self._waiters:
@@ -656,7 +340,7 @@ class Pool:
         else:
             self._release(got, True)
 
-    def _forget(self, conn: _Conn) -> None:
+    def _forget(self, conn: Connection) -> None:
         if conn in self._conns:
             self._conns.discard(conn)
             if conn in self._idle:
