@@ -73,6 +73,9 @@ def pause(shared: Shared, seconds: float) -> None:
         st.pause_until = max(st.pause_until, time.monotonic() + seconds)
 
 
+TIMER_RESOLUTION = 0.002  # seconds: below this, a pause's end is awaited turn by turn
+
+
 class TokenBudget:
     """A worker's view of the shared bucket: `await acquire()` before each request.
 
@@ -85,6 +88,7 @@ class TokenBudget:
         self._st = shared.state
         self._local = 0
         self._seen_over = 0.0  # a pause_until already seen in the past: no clock read needed
+        self._resume: asyncio.Future[None] | None = None  # the lanes' shared wait for a pause
 
     def _batch(self) -> int:
         rate = self._st.rate
@@ -118,7 +122,7 @@ class TokenBudget:
     async def acquire(self) -> None:
         while True:
             if self._paused():
-                await asyncio.sleep(min(self._st.pause_until - time.monotonic(), 1.0))
+                await self._pause_over()
                 continue
             # Another lane may have parked tokens while this one slept: use them first,
             # and never overwrite parked tokens (that would lose them, and the rate).
@@ -132,6 +136,25 @@ class TokenBudget:
                 self._local += granted - 1
                 return
             await asyncio.sleep(min(wait, 1.0))
+
+    async def _pause_over(self) -> None:
+        """Until the pause ends (or a second passes). Every lane waiting for it wakes in the
+        same loop turn, so the requests they hold leave together: with a timer each, the
+        first lanes' requests could be answered with a new 429 before a lane whose timer
+        fired a millisecond later sent its own, and that one would wait a whole new pause."""
+        left = self._st.pause_until - time.monotonic()
+        if left < TIMER_RESOLUTION:
+            # The loop's timers tick in milliseconds: a timer this short would fire up to a
+            # tick late, after the other lanes' requests were answered (maybe with a new
+            # 429). Look again at the next turn instead.
+            await asyncio.sleep(0)
+            return
+        waiter = self._resume
+        if waiter is None or waiter.done():
+            loop = asyncio.get_running_loop()
+            waiter = self._resume = loop.create_future()
+            loop.call_later(min(left, 1.0), lambda: waiter.done() or waiter.set_result(None))
+        await asyncio.shield(waiter)  # a lane cancelled while waiting leaves it to the others
 
     def drop_local(self) -> None:
         """Forget parked tokens (after a rate change) so the new rate applies at once."""
