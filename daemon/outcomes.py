@@ -14,13 +14,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
 from typing import Any
 
 import orjson
 
 from . import letters, rowpath, wal
 from .letters import Letter
+from .outbox import Outbox
 from .protocol import Chunk, ChunkAck, Counts, Outcome, Progress
 from .sidelog import SideLog
 
@@ -49,9 +49,9 @@ class ChunkState:
 
 
 class Recorder:
-    def __init__(self, index: int, conn: Connection, log: wal.WalWriter, side: SideLog) -> None:
+    def __init__(self, index: int, outbox: Outbox, log: wal.WalWriter, side: SideLog) -> None:
         self.index = index
-        self.conn = conn
+        self.outbox = outbox
         self.wal = log
         self.side = side
         self.acks: set[asyncio.Task[None]] = set()
@@ -179,4 +179,4 @@ class Recorder:
         self.report(force=True)
 
     def _send(self, msg: object) -> None:
-        self.conn.send(msg)  # a blocking pipe: see Worker.run
+        self.outbox.send(msg)

@@ -22,6 +22,7 @@ from .protocol import Chunk, ChunkFailed, Outcome
 if TYPE_CHECKING:
     from .breaker import Breaker
     from .config import Config
+    from .outbox import Outbox
     from .outcomes import Recorder
 
 log = logging.getLogger("alertd.worker")
@@ -56,7 +57,7 @@ class RowSource:
 
     # The Worker's state these methods share with its sending half.
     index: int
-    conn: Any
+    outbox: Outbox
     cfg: Config
     wal: Any
     breaker: Breaker
@@ -315,7 +316,7 @@ class RowSource:
                 os.close(fd)
         except OSError as e:
             log.error("worker %d: %s chunk %d unreadable: %s", self.index, chunk.job, chunk.seq, e)
-            self.conn.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
+            self.outbox.send(ChunkFailed(self.index, chunk.job, chunk.seq, str(e)))
             return None
         cs = ChunkState(chunk, rows)
         if chunk.done:  # recovered rows count as live until the chunk is acked

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from . import policy, ratelimit, rowpath, wal
 from .breaker import CLOSED, OPEN, REASON_GONE, Breaker, Gate
 from .config import Config
+from .outbox import Outbox
 from .outcomes import ChunkState, Recorder
 from .payload import Payloads
 from .policy import Action, Decision
@@ -93,7 +94,8 @@ class Worker(RowSource):
                                  interval=cfg.wal.fsync_interval,
                                  segment_bytes=cfg.wal.segment_bytes)
         self.side = SideLog(cfg.state_dir)
-        self.outcomes = Recorder(index, conn, self.wal, self.side)
+        self.outbox = Outbox(conn)
+        self.outcomes = Recorder(index, self.outbox, self.wal, self.side)
         self.pool: Pool | None = None
         self._apply(cfg)
         self._chunks: deque[Chunk] = deque()
@@ -159,13 +161,13 @@ class Worker(RowSource):
         loop.add_reader(self.conn.fileno(), self._on_readable)
         # uvloop's add_reader made the pipe non-blocking: a send into a full pipe would raise
         # half-way through a message (an ack lost, the stream torn). Blocking, a send waits
-        # for the supervisor to read instead (it always does: it never waits on a worker).
+        # for the supervisor to read instead, in the outbox's thread (see outbox.py).
         os.set_blocking(self.conn.fileno(), True)
         self.slot.pid = os.getpid()
         log.info("worker %d: row path %s", self.index, rowpath.IMPL)
         self._resize_lanes()
         beat = loop.create_task(self._heartbeat())
-        self.conn.send(Ready(self.index, os.getpid()))
+        self.outbox.send(Ready(self.index, os.getpid()))
         await self._done.wait()
         loop.remove_reader(self.conn.fileno())
         if self.outcomes.acks:
@@ -177,6 +179,7 @@ class Worker(RowSource):
         await wal_task
         self.side.close()
         await self.pool.close()
+        await loop.run_in_executor(None, self.outbox.close)  # the last acks reach the pipe
 
     def _on_readable(self) -> None:
         try:
