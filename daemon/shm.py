@@ -60,6 +60,9 @@ class SharedState(ctypes.Structure):
     ]
 
 
+LOCK_STUCK = 0.5  # seconds the shared lock may stay held after a worker's death
+
+
 @dataclass(frozen=True)
 class Shared:
     """The struct plus its lock; passed to workers when they are spawned."""
@@ -73,6 +76,17 @@ class Shared:
 
     def slot(self, index: int) -> WorkerSlot:
         return self.state.workers[index]
+
+    def free_lock_of_the_dead(self, timeout: float = LOCK_STUCK) -> bool:
+        """After a worker died abnormally: if the lock is still held `timeout` seconds
+        later, it was held by the dead (killed inside a take or a breaker update, a few
+        microseconds of arithmetic): release it, or every process would stop at its next
+        take. True when it did."""
+        if self.lock.acquire(timeout=timeout):
+            self.lock.release()
+            return False
+        self.lock.release()  # a semaphore: any process may release it
+        return True
 
     def release(self, timeout: float = 5.0) -> None:
         """Once no worker is left: unlink the lock's semaphore and stop multiprocessing's

@@ -525,6 +525,9 @@ class Supervisor:
         del self.workers[w.index]
         w.conn.close()
         self.shared.slot(w.index).pid = 0
+        if code != 0 and self.shared.free_lock_of_the_dead():
+            log.error("worker %d died holding the shared lock (rate budget, breaker): "
+                      "released it", w.index)
         if w.chunks:
             held, w.chunks = list(w.chunks.values()), {}
             self._background(self._requeue(held), "requeue", forever=False)
