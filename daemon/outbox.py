@@ -4,8 +4,8 @@ The pipe is blocking: a send into a full pipe must wait, not raise half-way thro
 message. It must not wait on the event loop, though: the loop is what reads the
 supervisor's messages, and the supervisor's own blocking send of a large chunk descriptor
 (a re-queued chunk carries its settled offsets) to this worker would wait for that read
-while this worker's send waited for the supervisor's read: a deadlock that stopped every
-worker's heartbeat. Pickled on the loop, so a message is what it was when sent.
+while this worker's send waited for the supervisor's read: the two would wait on each
+other for good. Pickled on the loop, so a message is what it was when sent.
 """
 from __future__ import annotations
 
